@@ -1,0 +1,40 @@
+# Course tasks. Every target that needs Python first makes sure .venv is built from requirements.txt.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# pytest-xdist spreads notebooks over the cores; loadscope keeps a notebook's cells on one worker.
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup test lab serve exercises notebooks protos clean-models
+
+setup: $(STAMP)
+
+# Rebuilt when requirements.txt or pyproject.toml is newer than the last install.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope \
+		--nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+		tests notebooks solutions
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=.
+
+exercises: setup
+	$(BIN)/python -m ortserve exercises
+
+clean-models:
+	rm -rf models
+
+# Re-execute lessons and solutions in place (outputs are committed), then regenerate the exercises.
+NOTEBOOKS ?= $(wildcard notebooks/*.ipynb solutions/*.ipynb)
+notebooks: setup
+	for nb in $(NOTEBOOKS); do \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
+	done
+	$(BIN)/python -m ortserve exercises
