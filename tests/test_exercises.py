@@ -33,15 +33,6 @@ def test_exercise_holds_no_answer_and_no_output(path):
     assert prompts > 0, f"{path.name} asks the student for nothing"
 
 
-@pytest.mark.parametrize("path", sorted(SOLUTIONS.glob("*.ipynb")), ids=lambda p: p.name)
-def test_solution_is_committed_executed(path):
-    nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
-    assert code and all(c.execution_count is not None for c in code), f"{path.name} is not executed top to bottom"
-    counts = [c.execution_count for c in code]
-    assert counts == sorted(counts), f"{path.name} was executed out of order"
-
-
 def test_code_answer_becomes_prompt_at_its_indentation():
     source = "x = 1\nif x:\n    ### BEGIN SOLUTION\n    y = 2\n    ### END SOLUTION\nprint(y)\n"
     assert exercises.strip_solutions(source, "code") == (
