@@ -43,7 +43,7 @@ def test_code_answer_becomes_prompt_at_its_indentation():
 
 def test_markdown_answer_becomes_prompt():
     source = "Why?\n\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION"
-    assert exercises.strip_solutions(source, "markdown") == "Why?\n\n_Your answer here._\n"
+    assert exercises.strip_solutions(source, "markdown") == "Why?\n\n_Your answer here._"
 
 
 def test_several_blocks_in_one_cell_are_all_replaced():
