@@ -28,6 +28,14 @@ LAB_ARGS ?=
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=. $(ALLOW_ROOT) $(LAB_ARGS)
 
+# The inference server on the default repository (flags: ./run_ort_server.sh --help; ARGS="--grpc_port 0" ...).
+serve: setup
+	./run_ort_server.sh $(ARGS)
+
+# Regenerate src/ortserve/_proto/ from protos/ (tests/server checks the committed files match).
+protos: setup
+	$(BIN)/python -m ortserve.server.codegen
+
 exercises: setup
 	$(BIN)/python -m ortserve exercises
 

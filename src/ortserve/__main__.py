@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "exercises": ("ortserve.exercises", "regenerate exercises/ from solutions/"),
     "models": ("ortserve.zoo_cli", "build the course's models into models/ (what `ortserve.zoo.ensure` does)"),
+    "serve": ("ortserve.server.cli", "run the gRPC inference server (Open Inference Protocol + the old ORT Server's)"),
 }
 
 

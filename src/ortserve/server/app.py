@@ -1,0 +1,233 @@
+"""Build, start and stop the grpc.aio inference server: servicers, health, reflection, options, signals.
+
+    repository = Repository.load(discover("models/repository"))
+    server = InferenceServer(repository, ServerOptions(port=0))
+    port = await server.start()
+    ...
+    await server.stop()          # graceful: see below
+
+Graceful shutdown (stop(), or SIGTERM/SIGINT under `serve`): health turns NOT_SERVING, ServerReady/ModelReady
+answer false and new inference calls get UNAVAILABLE while health and metadata keep answering; the calls in
+flight get up to `grace_period` seconds to finish; then gRPC stops (cancelling whatever is still running).
+
+`BackgroundServer` runs the same server on an event loop in a background thread, for tests and notebooks that
+want it in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from ortserve._proto import grpc_service_pb2, grpc_service_pb2_grpc, predict_pb2, predict_pb2_grpc
+from ortserve.server.gate import Gate
+from ortserve.server.legacy import PredictionServicer
+from ortserve.server.repository import Repository, discover
+from ortserve.server.runtime import SessionSettings
+from ortserve.server.v2 import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DEFAULT_PORT = 50051
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+DEFAULT_GRACE_PERIOD = 10.0
+
+V2_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+LEGACY_SERVICE = predict_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVICE_NAMES = (V2_SERVICE, LEGACY_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0: let the system pick a free port (InferenceServer.port tells which)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions; gRPC answers RESOURCE_EXHAUSTED above
+    grace_period: float = DEFAULT_GRACE_PERIOD  # seconds in-flight calls get to finish at shutdown
+    session: SessionSettings = field(default_factory=SessionSettings)  # ONNX Runtime threads, unless a model says
+    workers: int | None = None  # threads running sessions concurrently (default: one per core)
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A pool with the files of every service we serve and their imports, for the reflection service.
+
+    Needed because the v2 messages live in their own pool (see ortserve._proto), not protobuf's default one.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in (grpc_service_pb2.DESCRIPTOR, predict_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
+
+
+class InferenceServer:
+    def __init__(self, repository: Repository, options: ServerOptions = ServerOptions(),
+                 executor: ThreadPoolExecutor | None = None) -> None:  # fmt: skip
+        self.repository = repository
+        self.options = options
+        self.executor = executor
+        self.gate = Gate()
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task | None = None
+
+    @classmethod
+    def from_location(cls, location: Path | str, options: ServerOptions = ServerOptions()) -> "InferenceServer":
+        """Load the repository at `location` (directory, model_config_list JSON or .onnx) with one worker pool."""
+        executor = ThreadPoolExecutor(max_workers=options.workers or os.cpu_count() or 2, thread_name_prefix="ort")
+        repository = Repository.load(discover(location), options.session, executor)
+        return cls(repository, options, executor)
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.address}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind, start serving, mark everything SERVING; returns the bound port."""
+        limit = self.options.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Without this a second server could bind the same port and silently share its traffic.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.repository, self.gate), server
+        )
+        predict_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.repository, self.gate), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
+        target = f"{self.options.address}:{self.options.port}"
+        try:
+            self.port = server.add_insecure_port(target)
+        except RuntimeError as error:
+            raise OSError(f"cannot listen on {target}: {error}") from None
+        if not self.port:
+            raise OSError(f"cannot listen on {target}")
+        await server.start()
+        self._server = server
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", V2_SERVICE, LEGACY_SERVICE, *self.repository.names()):
+            await self.health.set(service, serving)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop (see the module docstring); calling it again waits for the first call's shutdown."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_stop(self, grace: float | None) -> None:
+        grace = self.options.grace_period if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.health.enter_graceful_shutdown()
+        self.gate.close()
+        if self.gate.in_flight:
+            log.info("draining: waiting up to %.1f s for %d call(s) in flight", grace, self.gate.in_flight)
+        if not await self.gate.wait_idle(grace):
+            log.warning("grace period over with %d call(s) still running; cancelling them", self.gate.in_flight)
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - loop.time()))
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("server stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully (a second signal cuts the grace period)."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+
+        def on_signal(signum: int) -> None:
+            if self._stopping is None:
+                log.info("received %s: shutting down (grace period %.1f s)", signal.Signals(signum).name,
+                         self.options.grace_period)  # fmt: skip
+                self._stopping = asyncio.ensure_future(self._drain_and_stop(None))
+            elif self._server is not None:
+                log.info("received %s again: stopping now", signal.Signals(signum).name)
+                asyncio.ensure_future(self._server.stop(0))
+
+        for signum in signals:
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            await self.wait_for_termination()
+            if self._stopping is not None:
+                await self._stopping
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+
+class BackgroundServer:
+    """An InferenceServer on its own event loop in a daemon thread: `with BackgroundServer(path) as s: s.address`."""
+
+    def __init__(self, location: Path | str | None = None, options: ServerOptions = ServerOptions(port=0),
+                 server: InferenceServer | None = None) -> None:  # fmt: skip
+        if server is None and location is None:
+            raise ValueError("give a repository location or an InferenceServer")
+        self.server = server or InferenceServer.from_location(location, options)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ortserve-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None, "start() the server first"
+        return self.server.port
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        except BaseException:
+            self.stop(grace=0)
+            raise
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

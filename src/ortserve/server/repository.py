@@ -1,0 +1,226 @@
+"""The model repository: which models and versions the server serves, from where, with which settings.
+
+Two ways to describe it:
+
+1. A directory, one folder per model, one numbered folder per version, and an optional config.json per model
+   (Triton's layout)::
+
+       repository/
+         digits_cnn/
+           config.json          optional, see ModelConfig
+           1/model.onnx
+           2/model.onnx         a request naming no version gets the highest number
+         digits_forest/
+           1/model.onnx
+
+2. A JSON file listing the models, as the old ONNX Runtime Server / TensorFlow Serving docs show it; relative
+   base_paths are relative to the file. base_path is a version directory as above, a folder holding model.onnx,
+   or an .onnx file (the last two serve as version 1)::
+
+       {"model_config_list": [
+          {"name": "digits_cnn", "base_path": "digits_cnn", "model_platform": "onnx", "max_batch_size": 32}]}
+
+A single .onnx file (run_ort_server.sh --model_path) is a repository of one model named `default`, version 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ortserve.server.errors import ModelNotFound, RepositoryError
+from ortserve.server.runtime import Model, SessionSettings, load_session
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.onnx"
+DEFAULT_MODEL_NAME = "default"
+# model_platform values the JSON list may carry (the old server's docs say "onnx"; Triton says onnxruntime_onnx).
+ONNX_PLATFORMS = {"onnx", "onnxruntime", "onnxruntime_onnx", "onnx_onnxv1"}
+
+
+class ModelConfig(BaseModel):
+    """Per-model settings, from `<repository>/<name>/config.json` or a model_config_list entry. All optional.
+
+    Batching: requests run one at a time today. max_batch_size > 0 declares that the model's first axis is a
+    batch axis along which a dynamic batcher may join requests (up to that many rows, holding a request at most
+    max_queue_delay_us for company); the batcher reads these two fields.
+    """
+
+    # protected_namespaces=(): the old server's field names (model_platform, model_config_list) start with model_.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    max_batch_size: int = Field(0, ge=0, description="largest joined batch; 0 turns batching off")
+    max_queue_delay_us: int = Field(0, ge=0, description="longest wait for a batch to fill, in microseconds")
+    intra_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime intra-op threads (default: server's)")
+    inter_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime inter-op threads (default: server's)")
+
+    def session_settings(self, server_default: SessionSettings) -> SessionSettings:
+        """The model's own thread settings where it has them, the server's elsewhere."""
+        intra, inter = self.intra_op_threads, self.inter_op_threads
+        return SessionSettings(
+            intra_op_threads=server_default.intra_op_threads if intra is None else intra,
+            inter_op_threads=server_default.inter_op_threads if inter is None else inter,
+        )
+
+
+class ConfigListEntry(ModelConfig):
+    name: str = Field(min_length=1)
+    base_path: str = Field(min_length=1)
+    model_platform: str = "onnx"
+
+
+class ConfigList(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config_list: list[ConfigListEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one version of one model comes from."""
+
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the models
+
+
+def discover(location: Path | str) -> list[ModelSource]:
+    """Every model version at `location`: a repository directory, a model_config_list JSON file, or one .onnx."""
+    location = Path(location)
+    if location.is_dir():
+        return scan_directory(location)
+    if not location.exists():
+        raise RepositoryError(f"no model repository, config list or model at {location}")
+    if location.suffix == ".json":
+        return read_config_list(location)
+    return [ModelSource(DEFAULT_MODEL_NAME, 1, location, ModelConfig())]
+
+
+def scan_directory(root: Path) -> list[ModelSource]:
+    sources = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        sources += _versions(folder.name, folder, read_config(folder / CONFIG_FILE))
+    if not sources:
+        raise RepositoryError(f"{root} holds no models; expected {root}/<name>/<version>/{MODEL_FILE}")
+    return sources
+
+
+def read_config(path: Path) -> ModelConfig:
+    if not path.exists():
+        return ModelConfig()
+    try:
+        return ModelConfig.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        raise RepositoryError(f"{path}: {error}") from None
+
+
+def read_config_list(path: Path) -> list[ModelSource]:
+    try:
+        listing = ConfigList.model_validate_json(path.read_bytes())
+    except (ValidationError, json.JSONDecodeError) as error:
+        raise RepositoryError(f"{path} is not a model_config_list: {error}") from None
+    sources = []
+    for entry in listing.model_config_list:
+        if entry.model_platform.lower() not in ONNX_PLATFORMS:
+            raise RepositoryError(
+                f"{path}: model {entry.name!r} has model_platform {entry.model_platform!r}; this server runs "
+                f"{', '.join(sorted(ONNX_PLATFORMS))}"
+            )
+        base = Path(entry.base_path)
+        base = base if base.is_absolute() else path.parent / base
+        config = ModelConfig(**entry.model_dump(include=set(ModelConfig.model_fields)))
+        if base.is_file():
+            sources.append(ModelSource(entry.name, 1, base, config))
+        elif (base / MODEL_FILE).is_file():
+            sources.append(ModelSource(entry.name, 1, base / MODEL_FILE, config))
+        elif base.is_dir():
+            sources += _versions(entry.name, base, config)
+        else:
+            raise RepositoryError(f"{path}: model {entry.name!r} has base_path {base}, which does not exist")
+    seen = set()
+    for source in sources:
+        if (source.name, source.version) in seen:
+            raise RepositoryError(f"{path}: model {source.name!r} version {source.version} is listed twice")
+        seen.add((source.name, source.version))
+    return sources
+
+
+def _versions(name: str, folder: Path, config: ModelConfig) -> list[ModelSource]:
+    found = [
+        ModelSource(name, int(v.name), v / MODEL_FILE, config)
+        for v in folder.iterdir()
+        if v.is_dir() and v.name.isdigit() and (v / MODEL_FILE).is_file()
+    ]
+    if not found:
+        raise RepositoryError(f"model folder {folder} has no version: expected {folder}/<number>/{MODEL_FILE}")
+    return sorted(found, key=lambda s: s.version)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded repository
+
+
+class Repository:
+    """The loaded models, by name and version."""
+
+    def __init__(self, models: list[Model]) -> None:
+        self._models: dict[str, dict[int, Model]] = {}
+        for model in models:
+            self._models.setdefault(model.name, {})[model.version] = model
+
+    @classmethod
+    def load(cls, sources: list[ModelSource], settings: SessionSettings = SessionSettings(),
+             executor: Executor | None = None) -> "Repository":  # fmt: skip
+        """Open an ONNX Runtime session for every source (RepositoryError if one cannot be served)."""
+        models = []
+        for source in sources:
+            session = load_session(source.path, source.config.session_settings(settings))
+            models.append(Model(source.name, source.version, source.path, session, source.config, executor=executor))
+            log.info("loaded model %r version %d from %s", source.name, source.version, source.path)
+        return cls(models)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self._models.get(name, {}))
+
+    def __iter__(self) -> Iterator[Model]:
+        for name in self.names():
+            yield from (self._models[name][v] for v in self.versions(name))
+
+    def get(self, name: str, version: str | int | None = None) -> Model:
+        """The model `name` at `version` (latest when None or ""), or ModelNotFound naming what there is."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"no model {name!r}; this server has {', '.join(map(repr, self.names())) or 'none'}")
+        if version is None or version == "":
+            return versions[max(versions)]
+        number = int(version) if isinstance(version, int) or str(version).isdigit() else None
+        if number not in versions:
+            available = ", ".join(map(str, sorted(versions)))
+            raise ModelNotFound(f"model {name!r} has no version {str(version)!r}; it has {available}")
+        return versions[number]
+
+    def default_model(self) -> Model:
+        """The model of protocols that name none: the one called `default`, else the only one."""
+        if DEFAULT_MODEL_NAME in self._models:
+            return self.get(DEFAULT_MODEL_NAME)
+        if len(self._models) == 1:
+            return self.get(self.names()[0])
+        raise ModelNotFound(
+            f"this protocol names no model, so the server needs one called {DEFAULT_MODEL_NAME!r} or only one model; "
+            f"it has {', '.join(map(repr, self.names()))}"
+        )
