@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # pytest-xdist spreads notebooks over the cores; loadscope keeps a notebook's cells on one worker.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test lab serve exercises notebooks protos clean-models
+.PHONY: setup test lab serve exercises notebooks protos clean-models figures
 
 setup: $(STAMP)
 
@@ -49,3 +49,14 @@ notebooks: setup
 		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; \
 	done
 	$(BIN)/python -m ortserve exercises
+
+# Static pictures of model graphs for readers without a kernel (figures/07_*.png): Netron's own page, screenshotted
+# by a headless Chromium. Installs nothing; needs Chromium (Debian/Ubuntu: apt-get install chromium, or set
+# CHROMIUM=/path/to/chrome) and a font with the brackets Netron draws around shapes (apt-get install
+# fonts-wqy-microhei). `$(BIN)/python -m ortserve.figures --list` names the figures.
+figures: setup
+	@command -v "$${CHROMIUM:-chromium}" >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| command -v google-chrome >/dev/null 2>&1 \
+		|| { echo "make figures needs Chromium: apt-get update && apt-get install -y chromium fonts-wqy-microhei" >&2; \
+		     echo "(or set CHROMIUM=/path/to/chrome)" >&2; exit 2; }
+	$(BIN)/python -m ortserve.figures
