@@ -1,9 +1,11 @@
 """The timing helper and the load generator measure what they claim to (counts and statuses, never speed)."""
 
 import asyncio
+import json
 import threading
 
 import grpc
+import numpy as np
 import pytest
 
 from ortserve import bench
@@ -79,3 +81,32 @@ def test_load_counts_errors_apart():
 def test_load_rejects_zero_callers():
     with pytest.raises(ValueError, match="at least 1"):
         bench.run_load("127.0.0.1:1", b"", concurrency=0)
+
+
+def test_load_generator_in_worker_processes_merges_their_counts():
+    with _RawServer() as server, bench.LoadGenerator(processes=2) as load:
+        result = load.run(f"127.0.0.1:{server.port}", b"", concurrency=3, seconds=0.3, warmup_seconds=0.1)
+    assert result.concurrency == 3 and result.errors == 0 and result.requests > 0
+    assert server.calls >= result.requests
+
+
+def test_bench_command_reports_every_server_and_ratio(tmp_path, capsys):
+    from ortserve.__main__ import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "digits_cnn", "--concurrency", "1,2", "--seconds", "0.2", "--warmup", "0.1",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["in_process"]["throughput"] > 0 and report["in_process"]["batch"] == 1
+    for kind in ("served", "baseline", "echo"):
+        assert [r["concurrency"] for r in report["servers"][kind]] == [1, 2], kind
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["servers"][kind]), kind
+    assert [r["concurrency"] for r in report["ratios"]] == [1, 2]
+    for ratio in report["ratios"]:
+        assert {"served/echo", "served/baseline", "served/in_process", "p50_ms_served-baseline"} <= set(ratio)
+        assert all(np.isfinite(v) for v in ratio.values())
+    printed = capsys.readouterr().out
+    for label in ("in-process ONNX Runtime", "served", "baseline", "echo", "served/echo", "served/baseline",
+                  "served/in-process"):  # fmt: skip
+        assert label in printed

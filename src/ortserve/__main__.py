@@ -7,6 +7,7 @@ import sys
 
 # command -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
+    "bench": ("ortserve.bench", "measure the server against a baseline, an echo ceiling and in-process ONNX Runtime"),
     "exercises": ("ortserve.exercises", "regenerate exercises/ from solutions/"),
     "models": ("ortserve.zoo_cli", "build the course's models into models/ (what `ortserve.zoo.ensure` does)"),
     "serve": ("ortserve.server.cli", "run the gRPC inference server (Open Inference Protocol + the old ORT Server's)"),

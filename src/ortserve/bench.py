@@ -12,13 +12,27 @@ Two tools, one set of statistics:
 The load generator sends bytes that were serialised once, so that it spends as little of the machine as it can:
 on a 2-core machine the client and the server share the CPU, and every microsecond the client saves is one the
 server can use. The same generator drives every server that is compared, so the comparison stays fair.
+`LoadGenerator` runs it in separate processes (the callers split among them), so that it never competes with the
+measuring process itself for the GIL.
+
+`python -m ortserve bench` (see `main`) puts it together: one model served by this server, by a baseline server
+and by an echo ceiling (ortserve.yardsticks), each in its own process, driven by the same load generator at each
+concurrency, beside the model's in-process ONNX Runtime throughput at the same batch size, all in one run.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import multiprocessing
+import shutil
+import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -88,7 +102,8 @@ class LoadResult:
 
 async def _closed_loop(
     address: str, payload: bytes, concurrency: int, seconds: float, warmup_seconds: float, timeout: float
-) -> LoadResult:
+) -> tuple[list[float], int, str | None]:
+    """(latencies in seconds, errors, first error) of `concurrency` callers over `seconds` after the warm-up."""
     import grpc
 
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -121,6 +136,17 @@ async def _closed_loop(
                     latencies.append(loop.time() - t0)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, errors, None if first_error is None else str(first_error)
+
+
+def _load_result(concurrency: int, seconds: float, parts: Iterable[tuple[list[float], int, str | None]]) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    first_error = None
+    for part_latencies, part_errors, part_first in parts:
+        latencies += part_latencies
+        errors += part_errors
+        first_error = first_error or part_first
     if errors and not latencies:
         raise RuntimeError(f"every request failed; the first error: {first_error}")
     return LoadResult(
@@ -131,6 +157,45 @@ async def _closed_loop(
         throughput=len(latencies) / seconds,
         latency=Timing.from_seconds(latencies) if latencies else None,
     )
+
+
+def _load_in_process(args: tuple) -> tuple[list[float], int, str | None]:
+    return asyncio.run(_closed_loop(*args))
+
+
+class LoadGenerator:
+    """The closed loop in `processes` worker processes, started once and reused for every server measured.
+
+        with LoadGenerator(processes=1) as load:
+            result = load.run(address, request, concurrency=32, seconds=3)
+
+    The callers are split evenly among the processes; each warms up, then measures for the same `seconds`.
+    """
+
+    def __init__(self, processes: int = 1) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be at least 1, got {processes}")
+        self.processes = processes
+        # spawn, not fork: a forked child inherits gRPC's threads and state, which gRPC does not support.
+        self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, address: str, request, concurrency: int = 1, seconds: float = 3.0, warmup_seconds: float = 1.0,
+            timeout: float = 30.0) -> LoadResult:  # fmt: skip
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        payload = serialise(request)
+        shares = [concurrency // self.processes + (i < concurrency % self.processes) for i in range(self.processes)]
+        jobs = [(address, payload, share, seconds, warmup_seconds, timeout) for share in shares if share]
+        return _load_result(concurrency, seconds, self._pool.map(_load_in_process, jobs))
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def __enter__(self) -> "LoadGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def serialise(request) -> bytes:
@@ -149,7 +214,8 @@ def run_load(
     """Closed loop against `address`: `concurrency` callers repeat `request` for `seconds` after a warm-up."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-    return asyncio.run(_closed_loop(address, serialise(request), concurrency, seconds, warmup_seconds, timeout))
+    parts = [asyncio.run(_closed_loop(address, serialise(request), concurrency, seconds, warmup_seconds, timeout))]
+    return _load_result(concurrency, seconds, parts)
 
 
 def sweep(
@@ -168,3 +234,165 @@ def sweep(
         levels = tqdm(levels, desc="concurrency")
     payload = serialise(request)
     return [run_load(address, payload, c, seconds, warmup_seconds) for c in levels]
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m ortserve bench
+
+DEFAULT_CONCURRENCIES = (1, 8, 32)
+SERVERS = ("served", "baseline", "echo")
+
+
+def example_request(model_path: Path, name: str, rows: int, seed: int = 0):
+    """(ModelInferRequest, inputs): random inputs of `rows` rows for every input of the model at `model_path`."""
+    import onnxruntime as ort
+
+    from ortserve.client import infer_request
+    from ortserve.server.runtime import ORT_DTYPES
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in session.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+        shape = [rows, *dims[1:]] if not isinstance(spec.shape[0], int) else dims
+        inputs[spec.name] = rng.random(shape).astype(ORT_DTYPES[spec.type])
+    return infer_request(name, inputs, None, None), inputs
+
+
+def in_process_throughput(model_path: Path, inputs: dict, seconds: float) -> dict:
+    """ONNX Runtime's own speed on `inputs`, default session options: rows per second and call latency."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    rows = len(next(iter(inputs.values())))
+    timing = time_calls(lambda: session.run(None, inputs), warmup=3, repeats=5, min_seconds=seconds)
+    return {"batch": rows, "throughput": rows * 1e3 / timing.mean_ms, "latency": timing.as_dict()}
+
+
+def _servers(model_path: Path, name: str, repository: Path, reply_file: Path, serve_args: Sequence[str]):
+    from ortserve.server.cli import ServerProcess
+    from ortserve.yardsticks import YardstickProcess
+
+    return {
+        "served": lambda: ServerProcess(["--grpc_port", "0", "--model_repository", str(repository),
+                                         "--log_level", "warning", *serve_args]),
+        "baseline": lambda: YardstickProcess(["baseline", "--model_path", str(model_path), "--name", name]),
+        "echo": lambda: YardstickProcess(["echo", "--reply", str(reply_file)]),
+    }  # fmt: skip
+
+
+def run_bench(model: str, concurrencies: Sequence[int], seconds: float, warmup_seconds: float, rows: int = 1,
+              processes: int = 1, serve_args: Sequence[str] = (), progress=print) -> dict:  # fmt: skip
+    """Measure (see the module docstring); returns the report `main` prints and saves."""
+    import grpc
+
+    from ortserve import zoo
+
+    model_path = zoo.ensure(model)
+    request, inputs = example_request(model_path, model, rows)
+    payload = request.SerializeToString()
+    report: dict = {"model": model, "rows_per_request": rows, "seconds": seconds, "warmup_seconds": warmup_seconds,
+                    "load_processes": processes, "serve_args": list(serve_args)}  # fmt: skip
+    progress(f"in-process ONNX Runtime, batch {rows} ...")
+    report["in_process"] = in_process_throughput(model_path, inputs, max(seconds, 0.2))
+    workdir = Path(tempfile.mkdtemp(prefix="ortserve-bench-"))
+    try:
+        (workdir / "repository" / model / "1").mkdir(parents=True)
+        shutil.copyfile(model_path, workdir / "repository" / model / "1" / "model.onnx")
+        reply_file = workdir / "reply.bin"
+        starters = _servers(model_path, model, workdir / "repository", reply_file, serve_args)
+        report["servers"] = {}
+        with LoadGenerator(processes) as load:
+            for kind in SERVERS:
+                with starters[kind]() as server:
+                    if kind == "served":  # the echo ceiling answers with the served model's real reply
+                        options = [("grpc.max_receive_message_length", -1)]
+                        with grpc.insecure_channel(server.address, options=options) as channel:
+                            reply_file.write_bytes(channel.unary_unary(MODEL_INFER)(payload, timeout=60))
+                    results = []
+                    for concurrency in concurrencies:
+                        progress(f"{kind}, {concurrency} concurrent caller(s) ...")
+                        results.append(load.run(server.address, payload, concurrency, seconds, warmup_seconds))
+                    report["servers"][kind] = [r.as_dict() for r in results]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict) -> list[dict]:
+    """Per concurrency: served/echo, served/baseline (throughput) and served/in-process (rows per second)."""
+    servers = report["servers"]
+    in_process = report["in_process"]["throughput"]
+    rows = report["rows_per_request"]
+    out = []
+    for served, baseline, echo in zip(servers["served"], servers["baseline"], servers["echo"]):
+        out.append({
+            "concurrency": served["concurrency"],
+            "served/echo": served["throughput"] / echo["throughput"],
+            "served/baseline": served["throughput"] / baseline["throughput"],
+            "served/in_process": served["throughput"] * rows / in_process,
+            "p50_ms_served-baseline": _p50(served) - _p50(baseline),
+        })  # fmt: skip
+    return out
+
+
+def _p50(result: dict) -> float:
+    return result["latency"]["median_ms"] if result["latency"] else float("nan")
+
+
+def format_report(report: dict) -> str:
+    ip = report["in_process"]
+    lines = [
+        f"model {report['model']}, {report['rows_per_request']} row(s) per request, {report['seconds']:g} s per "
+        f"point after {report['warmup_seconds']:g} s warm-up, load from {report['load_processes']} process(es)",
+        f"in-process ONNX Runtime, batch {ip['batch']}: {ip['throughput']:.1f} rows/s "
+        f"(p50 {ip['latency']['median_ms']:.3f} ms, p99 {ip['latency']['p99_ms']:.3f} ms)",
+        "",
+        f"{'server':<9} {'callers':>7} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>6}",
+    ]
+    for kind in SERVERS:
+        for r in report["servers"][kind]:
+            lat = r["latency"] or {}
+            p50, p90, p99 = (lat.get(key, float("nan")) for key in ("median_ms", "p90_ms", "p99_ms"))
+            lines.append(f"{kind:<9} {r['concurrency']:>7} {r['throughput']:>9.1f} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} "
+                         f"{r['errors']:>6}")  # fmt: skip
+    lines += ["", f"{'callers':>7} {'served/echo':>12} {'served/baseline':>16} {'served/in-process':>18} "
+                  f"{'p50 - baseline p50':>19}"]  # fmt: skip
+    for r in report["ratios"]:
+        lines.append(f"{r['concurrency']:>7} {r['served/echo']:>12.3f} {r['served/baseline']:>16.3f} "
+                     f"{r['served/in_process']:>18.3f} {r['p50_ms_served-baseline']:>+16.3f} ms")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ortserve bench",
+        description="Measure the inference server on one model against a baseline server (thread-pool grpc.server, "
+        "one session.run per request), an echo ceiling (grpc.aio, fixed reply, no work) and in-process ONNX "
+        "Runtime, in one run: closed-loop load at each concurrency, throughput and latency percentiles, ratios.",
+    )
+    parser.add_argument("--model", default="digits_cnn", help="a model of ortserve.zoo (default: %(default)s)")
+    parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCIES)), metavar="N,N,...",
+                        help="concurrent callers, comma-separated (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point (default: %(default)g)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (default: %(default)g)")
+    parser.add_argument("--rows", type=int, default=1, help="rows (samples) per request (default: %(default)s)")
+    parser.add_argument("--load_processes", type=int, default=1, metavar="N",
+                        help="processes the load generator runs in, callers split among them (default: %(default)s)")
+    parser.add_argument("--serve_args", default="", metavar="'ARGS'",
+                        help="extra flags for `python -m ortserve serve`, e.g. '--max_batch_size 0'")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    report = run_bench(args.model, concurrencies, args.seconds, args.warmup, args.rows, args.load_processes,
+                       args.serve_args.split(), progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(format_report(report), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0

@@ -37,6 +37,7 @@ from ortserve.server.app import (
     InferenceServer,
     ServerOptions,
 )
+from ortserve.server.batching import BatchingDefaults
 from ortserve.server.errors import RepositoryError
 from ortserve.server.runtime import SessionSettings
 
@@ -80,12 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info",
                         help="logging verbosity, as the old server named it (default: %(default)s)")
     parser.add_argument("--num_threads", type=int, default=None, metavar="N",
-                        help="ONNX Runtime intra-op threads per session (default: ONNX Runtime's, one per core); "
-                             "a model's config.json intra_op_threads wins")  # fmt: skip
+                        help="ONNX Runtime intra-op threads per session (default: cores / workers, so that the "
+                             "runs in flight at once never use more threads than there are cores); a model's "
+                             "config.json intra_op_threads wins")  # fmt: skip
     parser.add_argument("--inter_op_threads", type=int, default=None, metavar="N",
-                        help="ONNX Runtime inter-op threads per session (default: ONNX Runtime's)")
+                        help="ONNX Runtime inter-op threads per session (default: 1)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="inferences run at once, each in its own thread (default: one per core)")
+                        help="session runs in flight at once, each in its own thread (default: one per core; with "
+                             "the default --num_threads, workers x intra-op threads = cores: the busy server runs "
+                             "one thread per core, none waiting for a core)")
+    parser.add_argument("--max_batch_size", type=int, default=BatchingDefaults.max_batch_size, metavar="N",
+                        help="dynamic batching: join concurrent requests to a model into runs of up to N rows "
+                             "(default: %(default)s); applies to models whose inputs and outputs all have a "
+                             "variable first axis and whose config.json sets no max_batch_size; 0 turns batching "
+                             "off")  # fmt: skip
+    parser.add_argument("--max_queue_delay_us", type=int, default=BatchingDefaults.max_queue_delay_us,
+                        metavar="US", help="dynamic batching: longest a request waits in the queue for company "
+                        "before it starts a run (given a free worker), in microseconds (default: %(default)s); a "
+                        "request finding its model idle and no sign of concurrent callers never waits")  # fmt: skip
     parser.add_argument("--max_message_mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / MiB, metavar="MB",
                         help="largest request and response in MiB (default: %(default)g); larger ones get "
                              "RESOURCE_EXHAUSTED")  # fmt: skip
@@ -102,6 +115,8 @@ def options_from(args: argparse.Namespace) -> ServerOptions:
         grace_period=args.grace_period,
         session=SessionSettings(intra_op_threads=args.num_threads, inter_op_threads=args.inter_op_threads),
         workers=args.workers,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
     )
 
 
@@ -158,6 +173,8 @@ class ServerProcess:
     With capture_log=True the server's log (stderr) is kept, line by line, for `wait_for_log`.
     """
 
+    command: tuple[str, ...] = ("-m", "ortserve", "serve")  # what follows the interpreter (subclasses change it)
+
     def __init__(self, args: Sequence[str] = ("--grpc_port", "0"), python: str = sys.executable,
                  startup_timeout: float = 300.0, capture_log: bool = False) -> None:  # fmt: skip
         self.args = list(args)
@@ -176,7 +193,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         self.process = subprocess.Popen(
-            [self.python, "-m", "ortserve", "serve", *self.args],
+            [self.python, *self.command, *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if self.capture_log else None,
             text=True,

@@ -54,10 +54,15 @@ _BY_KIND: dict[tuple[str, int], Datatype] = {
     (t.dtype.kind, t.dtype.itemsize): t for t in DATATYPES.values() if t.name != "BYTES"
 }
 _LENGTH = struct.Struct("<I")
+# Native numeric dtypes -> datatype name: the lookup on every encoded tensor.
+_NAME_OF: dict[np.dtype, str] = {t.dtype.newbyteorder("="): t.name for t in DATATYPES.values() if t.name != "BYTES"}
 
 
 def datatype_of(dtype: np.dtype) -> str:
     """The protocol datatype of a numpy dtype; str/bytes/object arrays are BYTES."""
+    known = _NAME_OF.get(dtype)
+    if known is not None:
+        return known
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return "BYTES"
@@ -189,19 +194,29 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
         )
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        what = f"input {tensor.name!r}"
-        if tensor.name in arrays:
-            raise InvalidInput(f"{what} is given twice")
-        has_contents = tensor.HasField("contents")
-        if use_raw and has_contents:
-            raise InvalidInput(f"{what} has typed contents but the request also has raw_input_contents; use one")
+        name = tensor.name
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} is given twice")
         if use_raw:
-            arrays[tensor.name] = from_raw(tensor.datatype, tensor.shape, raw_contents[i], what)
-        elif has_contents:
-            arrays[tensor.name] = from_contents(tensor.datatype, tensor.shape, tensor.contents, what)
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input {name!r} has typed contents but the request also has raw_input_contents; "
+                                   "use one")  # fmt: skip
+            arrays[name] = _from_raw_fast(tensor, raw_contents[i])
+        elif tensor.HasField("contents"):
+            arrays[name] = from_contents(tensor.datatype, tensor.shape, tensor.contents, f"input {name!r}")
         else:
-            raise InvalidInput(f"{what} has no data: fill its contents or the request's raw_input_contents")
+            raise InvalidInput(f"input {name!r} has no data: fill its contents or the request's raw_input_contents")
     return arrays
+
+
+def _from_raw_fast(tensor, raw: bytes) -> np.ndarray:
+    """from_raw for the common case (a numeric tensor whose size matches), else from_raw with its messages."""
+    kind = DATATYPES.get(tensor.datatype)
+    shape = tuple(tensor.shape)
+    if kind is not None and kind.name != "BYTES" and min(shape, default=0) >= 0:
+        if len(raw) == math.prod(shape) * kind.dtype.itemsize:
+            return np.frombuffer(raw, dtype=kind.dtype).reshape(shape)
+    return from_raw(tensor.datatype, shape, raw, f"input {tensor.name!r}")
 
 
 def encode_request_inputs(request: pb.ModelInferRequest, inputs: Mapping[str, np.ndarray]) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from ortserve.server.errors import ShuttingDown
 
@@ -24,20 +22,23 @@ class Gate:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
+    def admit(self) -> "Gate":
+        """`with gate.admit():` around an inference call (a plain context manager: it is on every call's path)."""
         if self.draining:
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
+        return self
+
+    def __enter__(self) -> None:
         self.in_flight += 1
         self.admitted += 1
         self._idle.clear()
-        log.debug("admitted call #%d (%d in flight)", self.admitted, self.in_flight)
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("admitted call #%d (%d in flight)", self.admitted, self.in_flight)
+
+    def __exit__(self, *exc) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
 
     def close(self) -> None:
         self.draining = True

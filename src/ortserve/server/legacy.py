@@ -31,7 +31,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     async def Predict(self, request, context):
         model = self.repository.default_model()
         inputs = {name: tensor_to_array(name, tensor) for name, tensor in request.inputs.items()}
-        async with self.gate.admit():
+        with self.gate.admit():
             outputs = await model.infer(inputs, list(request.output_filter))
         response = pb.PredictResponse()
         for name, array in outputs.items():

@@ -34,6 +34,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ortserve.server.batching import BatchingDefaults, runner_for
 from ortserve.server.errors import ModelNotFound, RepositoryError
 from ortserve.server.runtime import Model, SessionSettings, load_session
 
@@ -49,16 +50,20 @@ ONNX_PLATFORMS = {"onnx", "onnxruntime", "onnxruntime_onnx", "onnx_onnxv1"}
 class ModelConfig(BaseModel):
     """Per-model settings, from `<repository>/<name>/config.json` or a model_config_list entry. All optional.
 
-    Batching: requests run one at a time today. max_batch_size > 0 declares that the model's first axis is a
-    batch axis along which a dynamic batcher may join requests (up to that many rows, holding a request at most
-    max_queue_delay_us for company); the batcher reads these two fields.
+    Batching (ortserve.server.batching): max_batch_size > 0 declares that the model's first axis is a batch axis
+    along which the dynamic batcher joins concurrent requests, up to that many rows; a queued request waits at most
+    max_queue_delay_us for a run. 0 turns batching off. Unset fields take the server's defaults (serve flags
+    --max_batch_size, --max_queue_delay_us), which batch every model whose inputs and outputs all have a variable
+    first axis.
     """
 
     # protected_namespaces=(): the old server's field names (model_platform, model_config_list) start with model_.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    max_batch_size: int = Field(0, ge=0, description="largest joined batch; 0 turns batching off")
-    max_queue_delay_us: int = Field(0, ge=0, description="longest wait for a batch to fill, in microseconds")
+    max_batch_size: int | None = Field(None, ge=0, description="largest joined batch; 0 turns batching off "
+                                       "(default: the server's)")
+    max_queue_delay_us: int | None = Field(None, ge=0, description="longest wait in the batch queue, in "
+                                           "microseconds (default: the server's)")
     intra_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime intra-op threads (default: server's)")
     inter_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime inter-op threads (default: server's)")
 
@@ -182,13 +187,22 @@ class Repository:
 
     @classmethod
     def load(cls, sources: list[ModelSource], settings: SessionSettings = SessionSettings(),
-             executor: Executor | None = None) -> "Repository":  # fmt: skip
-        """Open an ONNX Runtime session for every source (RepositoryError if one cannot be served)."""
+             executor: Executor | None = None, batching: BatchingDefaults = BatchingDefaults(max_batch_size=0),
+             ) -> "Repository":  # fmt: skip
+        """Open an ONNX Runtime session for every source (RepositoryError if one cannot be served).
+
+        `batching` gives the defaults for models whose config says nothing; by default here, no batching.
+        """
         models = []
         for source in sources:
             session = load_session(source.path, source.config.session_settings(settings))
-            models.append(Model(source.name, source.version, source.path, session, source.config, executor=executor))
-            log.info("loaded model %r version %d from %s", source.name, source.version, source.path)
+            model = Model(source.name, source.version, source.path, session, source.config, executor=executor)
+            batcher = runner_for(model, batching, executor)
+            if batcher is not None:
+                model.runner = batcher
+            models.append(model)
+            log.info("loaded model %r version %d from %s (%s)", source.name, source.version, source.path,
+                     f"batching up to {batcher.max_batch_size}" if batcher else "no batching")  # fmt: skip
         return cls(models)
 
     def names(self) -> list[str]:

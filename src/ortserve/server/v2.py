@@ -67,7 +67,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.model_name, request.model_version)
         inputs = codec.decode_request_inputs(request)
         requested = [o.name for o in request.outputs]
-        async with self.gate.admit():
+        with self.gate.admit():
             outputs = await model.infer(inputs, requested)
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
         codec.encode_response_outputs(response, outputs)

@@ -1,0 +1,126 @@
+"""Two servers to measure the inference server against, each run in its own process by `python -m ortserve bench`.
+
+- The **baseline**: the server people would write after the gRPC-basics lesson (04) -- a thread-pool
+  `grpc.server`, the generated Open Inference Protocol stubs, one `session.run` per request, no batching. It
+  answers ModelInfer for one model with raw contents, like the real server; it checks nothing.
+- The **echo ceiling**: a grpc.aio server that answers every ModelInfer with one fixed, pre-serialised reply and
+  does no work at all (no parsing, no model). No Python gRPC server can answer faster on the same machine, so
+  served/echo says how much of the possible speed the real server reaches.
+
+Both print the serving line of `python -m ortserve serve` (ortserve.server.cli.READY_LINE), so ServerProcess
+starts and finds them:
+
+    python -m ortserve.yardsticks baseline --model_path models/digits_cnn/model.onnx --name digits_cnn
+    python -m ortserve.yardsticks echo --reply reply.bin          # reply.bin: a serialised ModelInferResponse
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from ortserve.server.cli import READY_LINE, ServerProcess
+
+SERVICE = "inference.GRPCInferenceService"
+# Lesson 04 uses 4 threads; 8 keeps the pool from being the limit at the concurrencies the bench uses, while
+# one session.run per request stays the limit, as in the lesson's server.
+BASELINE_WORKERS = 8
+MESSAGE_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def serve_baseline(model_path: Path, name: str, port: int, workers: int = BASELINE_WORKERS) -> None:
+    """The lesson-04 way: grpc.server(ThreadPoolExecutor), generated stubs, session.run per request."""
+    import onnxruntime as ort
+
+    from ortserve._proto import grpc_service_pb2 as pb
+    from ortserve._proto import grpc_service_pb2_grpc as pb_grpc
+    from ortserve.server.codec import DATATYPES, datatype_of
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+
+    class Servicer(pb_grpc.GRPCInferenceServiceServicer):
+        def ModelInfer(self, request, context):
+            feeds = {
+                t.name: np.frombuffer(raw, dtype=DATATYPES[t.datatype].dtype).reshape(t.shape)
+                for t, raw in zip(request.inputs, request.raw_input_contents)
+            }
+            values = session.run(output_names, feeds)
+            response = pb.ModelInferResponse(model_name=name, model_version="1", id=request.id)
+            for out_name, value in zip(output_names, values):
+                response.outputs.add(name=out_name, datatype=datatype_of(value.dtype), shape=value.shape)
+                response.raw_output_contents.append(value.tobytes())
+            return response
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers), options=MESSAGE_OPTIONS)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(READY_LINE.format(address=f"127.0.0.1:{bound}", models=f"{name} v1 (baseline)"), flush=True)
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(1).wait()
+
+
+async def _serve_echo(reply: bytes, port: int) -> None:
+    async def model_infer(request: bytes, context) -> bytes:
+        return reply
+
+    # No (de)serialisers: the request stays bytes, the reply is sent as it is.
+    methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)}
+    handler = grpc.method_handlers_generic_handler(SERVICE, methods)
+    server = grpc.aio.server(handlers=[handler], options=MESSAGE_OPTIONS)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(READY_LINE.format(address=f"127.0.0.1:{bound}", models="echo v1 (fixed reply)"), flush=True)
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopped.set)
+    await stopped.wait()
+    await server.stop(1)
+
+
+def serve_echo(reply: bytes, port: int) -> None:
+    asyncio.run(_serve_echo(reply, port))
+
+
+class YardstickProcess(ServerProcess):
+    """A yardstick in a subprocess: `with YardstickProcess(["echo", "--reply", path]) as echo: echo.address`."""
+
+    command = ("-m", "ortserve.yardsticks")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ortserve.yardsticks", description=__doc__.split("\n\n")[0])
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    baseline = kinds.add_parser("baseline", help="thread-pool grpc.server, one session.run per request")
+    baseline.add_argument("--model_path", type=Path, required=True)
+    baseline.add_argument("--name", default="default", help="model name it answers as (default: %(default)s)")
+    baseline.add_argument("--workers", type=int, default=BASELINE_WORKERS,
+                          help="thread pool size (default: %(default)s)")
+    echo = kinds.add_parser("echo", help="grpc.aio server answering a fixed reply, doing no work")
+    echo.add_argument("--reply", type=Path, required=True, help="file holding the serialised ModelInferResponse")
+    for sub in (baseline, echo):
+        sub.add_argument("--grpc_port", type=int, default=0, help="port (default: any free one)")
+    args = parser.parse_args(argv)
+    if args.kind == "baseline":
+        serve_baseline(args.model_path, args.name, args.grpc_port, args.workers)
+    else:
+        serve_echo(args.reply.read_bytes(), args.grpc_port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
