@@ -16,7 +16,8 @@ from ortserve.server.repository import Repository
 from ortserve.server.runtime import TensorSpec
 
 SERVER_NAME = "ortserve"
-# The platform name Triton reports for ONNX models; clients that branch on it know it.
+# The protocol specification's platform name for ONNX models ("onnx_onnxv1"); Triton itself reports
+# "onnxruntime_onnx". Clients read it as information and do not branch on it.
 PLATFORM = "onnx_onnxv1"
 
 
