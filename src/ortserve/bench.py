@@ -7,7 +7,7 @@ Two tools, one set of statistics:
   (median and tail percentiles, not the mean of a handful of runs).
 - `run_load(address, request, concurrency)` drives a gRPC server that speaks the Open Inference Protocol with a
   closed loop of N callers: each sends a pre-serialised ModelInfer request, waits for the answer, sends the next.
-  After a warm-up, it counts answers and latencies for a fixed duration. `sweep` repeats it over concurrencies.
+  After a warm-up, it counts answers and latencies for a fixed duration.
 
 The load generator sends bytes that were serialised once, so that it spends as little of the machine as it can:
 on a 2-core machine the client and the server share the CPU, and every microsecond the client saves is one the
@@ -216,24 +216,6 @@ def run_load(
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     parts = [asyncio.run(_closed_loop(address, serialise(request), concurrency, seconds, warmup_seconds, timeout))]
     return _load_result(concurrency, seconds, parts)
-
-
-def sweep(
-    address: str,
-    request,
-    concurrencies: Iterable[int] = (1, 2, 4, 8, 16, 32),
-    seconds: float = 3.0,
-    warmup_seconds: float = 1.0,
-    progress: bool = False,
-) -> list[LoadResult]:
-    """`run_load` at each concurrency, in order (with a tqdm bar when `progress`)."""
-    levels = list(concurrencies)
-    if progress:
-        from tqdm.auto import tqdm
-
-        levels = tqdm(levels, desc="concurrency")
-    payload = serialise(request)
-    return [run_load(address, payload, c, seconds, warmup_seconds) for c in levels]
 
 
 # --------------------------------------------------------------------------------------------------

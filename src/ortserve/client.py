@@ -84,11 +84,16 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def infer_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None,
                   version: str | int | None) -> pb.ModelInferRequest:  # fmt: skip
-    request = pb.ModelInferRequest(model_name=model, model_version="" if version is None else str(version))
+    request = pb.ModelInferRequest(model_name=model, model_version=version_string(version))
     codec.encode_request_inputs(request, inputs)
     for name in outputs or ():
         request.outputs.add(name=name)
     return request
+
+
+def version_string(version: str | int | None) -> str:
+    """The protocol's version field: empty for "the latest"."""
+    return "" if version is None else str(version)
 
 
 def name_single_input(model: str, array: np.ndarray, metadata: ModelMetadata) -> dict[str, np.ndarray]:
@@ -131,12 +136,12 @@ class InferenceClient:
         return ServerMetadata(name=m.name, version=m.version, extensions=list(m.extensions))
 
     def model_ready(self, model: str, version: str | int | None = None, timeout: float | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version="" if version is None else str(version))
+        request = pb.ModelReadyRequest(name=model, version=version_string(version))
         return self._call(self.stub.ModelReady, request, timeout).ready
 
     def model_metadata(self, model: str, version: str | int | None = None,
                        timeout: float | None = None) -> ModelMetadata:  # fmt: skip
-        request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
+        request = pb.ModelMetadataRequest(name=model, version=version_string(version))
         return ModelMetadata.from_message(self._call(self.stub.ModelMetadata, request, timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -148,7 +153,7 @@ class InferenceClient:
               version: str | int | None = None, timeout: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """Run `model` on `inputs` (name -> array, or one array for a one-input model); returns name -> array."""
         if not isinstance(inputs, Mapping):
-            key = (model, "" if version is None else str(version))
+            key = (model, version_string(version))
             if key not in self._metadata:
                 self._metadata[key] = self.model_metadata(model, version, timeout)
             inputs = name_single_input(model, np.asarray(inputs), self._metadata[key])
@@ -194,12 +199,12 @@ class AsyncInferenceClient:
         return ServerMetadata(name=m.name, version=m.version, extensions=list(m.extensions))
 
     async def model_ready(self, model: str, version: str | int | None = None, timeout: float | None = None) -> bool:
-        request = pb.ModelReadyRequest(name=model, version="" if version is None else str(version))
+        request = pb.ModelReadyRequest(name=model, version=version_string(version))
         return (await self._call(self.stub.ModelReady, request, timeout)).ready
 
     async def model_metadata(self, model: str, version: str | int | None = None,
                              timeout: float | None = None) -> ModelMetadata:  # fmt: skip
-        request = pb.ModelMetadataRequest(name=model, version="" if version is None else str(version))
+        request = pb.ModelMetadataRequest(name=model, version=version_string(version))
         return ModelMetadata.from_message(await self._call(self.stub.ModelMetadata, request, timeout))
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -210,7 +215,7 @@ class AsyncInferenceClient:
                     version: str | int | None = None,
                     timeout: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         if not isinstance(inputs, Mapping):
-            key = (model, "" if version is None else str(version))
+            key = (model, version_string(version))
             if key not in self._metadata:
                 self._metadata[key] = await self.model_metadata(model, version, timeout)
             inputs = name_single_input(model, np.asarray(inputs), self._metadata[key])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+from filelock import FileLock
 
 from ortserve import data
 
@@ -277,7 +278,7 @@ def ensure_dir(name: str) -> Path:
     if (target / "model.onnx").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{name}.lock"):
+    with FileLock(str(target.parent / f".{name}.lock")):
         if (target / "model.onnx").exists():  # built by another process while we waited
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -304,14 +305,6 @@ def ensure_repository(root: Path | None = None, names: tuple[str, ...] = DEFAULT
         shutil.copyfile(source, tmp)
         tmp.replace(version_dir / "model.onnx")
     return root
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    from filelock import FileLock
-
-    with FileLock(str(path)):
-        yield
 
 
 # --------------------------------------------------------------------------------------------------

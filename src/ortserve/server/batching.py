@@ -38,7 +38,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ortserve.server.runtime import Feeds, TensorSpec, run_session
+from ortserve.server.runtime import Feeds, SessionRunner, TensorSpec, run_session
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def runner_for(model, defaults: BatchingDefaults, executor: Executor | None) -> 
     from ortserve.server.errors import RepositoryError
 
     config = model.config
-    size = config.max_batch_size if config is not None and config.max_batch_size is not None else None
-    delay = config.max_queue_delay_us if config is not None and config.max_queue_delay_us is not None else None
+    size = config.max_batch_size if config is not None else None
+    delay = config.max_queue_delay_us if config is not None else None
     can = batchable(model.inputs, model.outputs)
     if size is not None and size > 0 and not can:
         raise RepositoryError(
@@ -112,6 +112,7 @@ class Batcher:
         self.max_runs = max(1, max_runs)
         self._executor = executor or ThreadPoolExecutor(self.max_runs, thread_name_prefix="batch")
         self.all_outputs = [o.name for o in session.get_outputs()]
+        self._run_alone = SessionRunner(session, self._executor, label)  # for requests that cannot join a batch
         self.in_flight = 0
         self.row_wise: bool | None = None  # False once a run showed outputs not split by row: batching stops
         self.runs = 0  # batches run so far (for tests and logs)
@@ -276,11 +277,6 @@ class Batcher:
             else:
                 member.future.set_exception(error)
         self._finished(batch, loop)
-
-    async def _run_alone(self, feeds: Feeds, output_names: list[str] | None) -> Feeds:
-        loop = asyncio.get_running_loop()
-        names = output_names or self.all_outputs
-        return await loop.run_in_executor(self._executor, run_session, self.session, feeds, names, self.label)
 
     def _union_outputs(self, members: list[_Request]) -> list[str]:
         if any(m.output_names is None for m in members):

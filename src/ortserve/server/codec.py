@@ -201,22 +201,12 @@ def decode_request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has typed contents but the request also has raw_input_contents; "
                                    "use one")  # fmt: skip
-            arrays[name] = _from_raw_fast(tensor, raw_contents[i])
+            arrays[name] = from_raw(tensor.datatype, tensor.shape, raw_contents[i], f"input {name!r}")
         elif tensor.HasField("contents"):
             arrays[name] = from_contents(tensor.datatype, tensor.shape, tensor.contents, f"input {name!r}")
         else:
             raise InvalidInput(f"input {name!r} has no data: fill its contents or the request's raw_input_contents")
     return arrays
-
-
-def _from_raw_fast(tensor, raw: bytes) -> np.ndarray:
-    """from_raw for the common case (a numeric tensor whose size matches), else from_raw with its messages."""
-    kind = DATATYPES.get(tensor.datatype)
-    shape = tuple(tensor.shape)
-    if kind is not None and kind.name != "BYTES" and min(shape, default=0) >= 0:
-        if len(raw) == math.prod(shape) * kind.dtype.itemsize:
-            return np.frombuffer(raw, dtype=kind.dtype).reshape(shape)
-    return from_raw(tensor.datatype, shape, raw, f"input {tensor.name!r}")
 
 
 def encode_request_inputs(request: pb.ModelInferRequest, inputs: Mapping[str, np.ndarray]) -> None:
