@@ -110,3 +110,144 @@ def test_bench_command_reports_every_server_and_ratio(tmp_path, capsys):
     for label in ("in-process ONNX Runtime", "served", "baseline", "echo", "served/echo", "served/baseline",
                   "served/in-process"):  # fmt: skip
         assert label in printed
+
+
+# --------------------------------------------------------------------------------------------------
+# The HTTP path: the same closed loop POSTing a pre-built body, every answer checked
+
+
+@pytest.fixture(scope="module")
+def rest_server():
+    """A real server (gRPC and REST, each on a free port) serving the digits CNN as `default`."""
+    from ortserve import zoo
+    from ortserve.server.app import BackgroundServer, ServerOptions
+
+    with BackgroundServer(zoo.ensure("digits_cnn"), ServerOptions(port=0, http_port=0)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def digits_and_logits():
+    """Two test images and the CNN's logits for them, computed in this process."""
+    import onnxruntime as ort
+
+    from ortserve import data, zoo
+
+    images = data.as_images(data.load_digits_split().X_test[:2])
+    session = ort.InferenceSession(str(zoo.ensure("digits_cnn")), providers=["CPUExecutionProvider"])
+    return images, session.run(["logits"], {"input": images})[0]
+
+
+def json_infer_body(images: np.ndarray) -> bytes:
+    tensor = {"name": "input", "shape": list(images.shape), "datatype": "FP32", "data": images.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def binary_infer_request(images: np.ndarray, expected: dict) -> bench.HttpRequest:
+    """The binary data extension both ways: raw float32 after the JSON header, logits back as raw bytes."""
+    raw = images.tobytes()
+    header = json.dumps({"inputs": [{"name": "input", "shape": list(images.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+    headers = (("Content-Type", "application/octet-stream"), ("Inference-Header-Content-Length", str(len(header))))
+    return bench.HttpRequest("/v2/models/default/infer", header + raw, headers, expected)
+
+
+def test_http_load_checks_json_and_binary_answers(rest_server, digits_and_logits):
+    images, logits = digits_and_logits
+    requests = {
+        "json": bench.HttpRequest("/v2/models/default/infer", json_infer_body(images), expected={"logits": logits}),
+        "binary": binary_infer_request(images, {"logits": logits}),
+    }
+    for form, request in requests.items():
+        result = bench.run_load(rest_server.http_address, request, concurrency=3, seconds=0.4, warmup_seconds=0.1)
+        assert result.errors == 0 and result.requests > 0, form
+        assert result.latency.n == result.requests and result.throughput == result.requests / 0.4, form
+
+
+def test_http_wrong_answers_are_errors_not_answers(rest_server, digits_and_logits):
+    images, logits = digits_and_logits
+    wrong = bench.HttpRequest("/v2/models/default/infer", json_infer_body(images), expected={"logits": logits + 1})
+    with pytest.raises(RuntimeError, match="every request failed.*output 'logits' is not the expected one"):
+        bench.run_load(rest_server.http_address, wrong, concurrency=2, seconds=0.3, warmup_seconds=0.1)
+    missing = bench.HttpRequest("/v2/models/default/infer", json_infer_body(images), expected={"probabilities": logits})
+    with pytest.raises(RuntimeError, match="no output 'probabilities'.*'logits'"):
+        bench.run_load(rest_server.http_address, missing, concurrency=1, seconds=0.2, warmup_seconds=0.0)
+
+
+def test_http_errors_are_errors_not_answers(rest_server, digits_and_logits):
+    images, _ = digits_and_logits
+    unknown = bench.HttpRequest("/v2/models/digits_rnn/infer", json_infer_body(images))
+    with pytest.raises(RuntimeError, match="every request failed.*HTTP 404.*digits_rnn"):
+        bench.run_load(rest_server.http_address, unknown, concurrency=2, seconds=0.3, warmup_seconds=0.1)
+    flat = bench.HttpRequest("/v2/models/default/infer", json_infer_body(images.reshape(2, 64)))
+    with pytest.raises(RuntimeError, match="HTTP 400"):
+        bench.run_load(rest_server.http_address, flat, concurrency=1, seconds=0.2, warmup_seconds=0.0)
+
+
+def test_http_load_in_worker_processes(rest_server, digits_and_logits):
+    images, logits = digits_and_logits
+    request = binary_infer_request(images, {"logits": logits})  # pickled to the worker process, checked there
+    with bench.LoadGenerator(processes=1) as load:
+        result = load.run(rest_server.http_address, request, concurrency=2, seconds=0.3, warmup_seconds=0.1)
+    assert result.concurrency == 2 and result.errors == 0 and result.requests > 0
+
+
+class _RawHttpServer:
+    """An aiohttp server on a free port answering {"label": [7]}, but every `fail_every`-th call a wrong label,
+    the next one HTTP 500, in turn, so that both kinds of failure are counted."""
+
+    def __init__(self, fail_every: int):
+        self.fail_every, self.calls, self.failures = fail_every, 0, 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _handle(self, request):
+        from aiohttp import web
+
+        await request.read()
+        self.calls += 1
+        if self.calls % self.fail_every:
+            return web.json_response({"label": [7]})
+        self.failures += 1
+        if self.failures % 2:
+            return web.json_response({"label": [3]})
+        return web.json_response({"error": "failed on purpose"}, status=500)
+
+    async def _start(self):
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/predict", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.address = "127.0.0.1:%d" % site._server.sockets[0].getsockname()[1]
+
+    def __enter__(self):
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_http_load_counts_failures_apart_and_checks_any_json():
+    request = bench.HttpRequest("/predict", b'{"pixels": [0.0]}', expected={"label": np.array([7])})
+    with _RawHttpServer(fail_every=3) as server:
+        result = bench.run_load(server.address, request, concurrency=1, seconds=0.5, warmup_seconds=0.0)
+    assert result.errors > 0 and result.requests > 0
+    assert abs(result.errors * 2 - result.requests) <= 2  # one in three fails, wrong label or HTTP 500
+    assert server.calls >= result.requests + result.errors
+
+
+def test_http_load_spreads_calls_over_addresses():
+    request = bench.HttpRequest("/predict", b"{}", expected={"label": np.array([7])})
+    with _RawHttpServer(fail_every=10**9) as a, _RawHttpServer(fail_every=10**9) as b:
+        result = bench.run_load([a.address, b.address], request, concurrency=2, seconds=0.3, warmup_seconds=0.0)
+    assert result.errors == 0 and result.requests > 0
+    assert a.calls > 0 and b.calls > 0 and abs(a.calls - b.calls) <= 2  # taken in turn

@@ -9,8 +9,10 @@ import sys
 COMMANDS = {
     "bench": ("ortserve.bench", "measure the server against a baseline, an echo ceiling and in-process ONNX Runtime"),
     "exercises": ("ortserve.exercises", "regenerate exercises/ from solutions/"),
+    "health": ("ortserve.health", "check a server's grpc.health.v1 status: exit 0 when SERVING, 1 otherwise"),
     "models": ("ortserve.zoo_cli", "build the course's models into models/ (what `ortserve.zoo.ensure` does)"),
     "serve": ("ortserve.server.cli", "run the gRPC inference server (Open Inference Protocol + the old ORT Server's)"),
+    "soak": ("ortserve.soak", "hold a server under mixed good and bad load; check answers, errors, memory, shutdown"),
 }
 
 

@@ -8,6 +8,11 @@ Two tools, one set of statistics:
 - `run_load(address, request, concurrency)` drives a gRPC server that speaks the Open Inference Protocol with a
   closed loop of N callers: each sends a pre-serialised ModelInfer request, waits for the answer, sends the next.
   After a warm-up, it counts answers and latencies for a fixed duration.
+- The same closed loop drives an HTTP endpoint when the request is an `HttpRequest`: a body built once (the
+  protocol's REST form, JSON or with the binary data extension, or any JSON body), POSTed by aiohttp, each answer
+  checked (a 2xx status, and the outputs `expected`, if given): an HTTP error or a wrong answer counts as an
+  error, not as an answer. aiohttp costs several times less client CPU per request than httpx on this machine
+  (measured for lesson 11), and the client shares the cores with the server.
 
 The load generator sends bytes that were serialised once, so that it spends as little of the machine as it can:
 on a 2-core machine the client and the server share the CPU, and every microsecond the client saves is one the
@@ -30,10 +35,10 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -100,43 +105,144 @@ class LoadResult:
         return out
 
 
+class WrongAnswer(Exception):
+    """An HTTP answer that is not the one an HttpRequest expects (status, or outputs)."""
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """An HTTP POST for the load generator: `body` sent to `path` at each address, and what a right answer is.
+
+    The answer must have a 2xx status; with `expected` (output name -> array) it must also carry those outputs,
+    equal within rtol/atol. An Open Inference Protocol answer ({"outputs": [...]}, JSON data or binary data after
+    the Inference-Header-Content-Length header) is read by output name; any other JSON object by top-level key,
+    e.g. {"label": [7]} for expected={"label": np.array([7])}.
+    """
+
+    path: str  # e.g. "/v2/models/digits_cnn/infer"
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    expected: Mapping[str, np.ndarray] | None = None
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+    def wrong_answer(self, status: int, header_length: str | None, body: bytes) -> str | None:
+        """Why the answer (status, Inference-Header-Content-Length, body) is not a right one; None when it is."""
+        if not 200 <= status < 300:
+            return f"HTTP {status}: {body[:300].decode('utf-8', 'replace')}"
+        if self.expected is None:
+            return None
+        try:
+            got = _answer_tensors(header_length, body)
+            for name, want in self.expected.items():
+                if name not in got:
+                    return f"the answer has no output {name!r} (it has {', '.join(map(repr, got)) or 'none'})"
+                value = np.asarray(got[name])
+                if value.shape != np.shape(want) or not np.allclose(value, want, rtol=self.rtol, atol=self.atol):
+                    return f"output {name!r} is not the expected one: got {_excerpt(value)}, expected {_excerpt(want)}"
+        except (ValueError, TypeError) as error:  # not JSON, not tensors, not numbers (InvalidInput is a ValueError)
+            return f"the answer is not of the expected form: {error}"
+        return None
+
+
+def _answer_tensors(header_length: str | None, body: bytes) -> Mapping[str, object]:
+    """The outputs of an HTTP answer by name: an Open Inference Protocol answer's tensors, or a JSON object."""
+    from ortserve.server import codec
+
+    length = int(header_length) if header_length is not None else len(body)
+    answer = json.loads(body[:length])
+    if isinstance(answer, dict) and isinstance(answer.get("outputs"), list):
+        return codec.decode_json_inputs(answer["outputs"], memoryview(body)[length:])  # outputs: the same tensors
+    if not isinstance(answer, dict):
+        raise TypeError(f"a JSON object was expected, got {codec.json_type(answer)}")
+    return answer
+
+
+def _excerpt(value: object, limit: int = 80) -> str:
+    text = np.array2string(np.asarray(value), precision=4, threshold=8)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+async def _callers(
+    send: Callable[[], Awaitable[object]], failures: tuple[type[BaseException], ...], concurrency: int,
+    seconds: float, warmup_seconds: float,
+) -> tuple[list[float], int, str | None]:  # fmt: skip
+    """`concurrency` callers repeating `await send()` for `seconds` after the warm-up: (latencies in seconds,
+    errors, first error); an exception of `failures` counts as an error."""
+    latencies: list[float] = []
+    errors = 0
+    first_error: BaseException | None = None
+    loop = asyncio.get_running_loop()
+    measure_from = loop.time() + warmup_seconds
+    stop_at = measure_from + seconds
+
+    async def caller() -> None:
+        nonlocal errors, first_error
+        while True:
+            t0 = loop.time()
+            if t0 >= stop_at:
+                return
+            try:
+                await send()
+            except failures as err:
+                if t0 >= measure_from:
+                    errors += 1
+                    first_error = first_error or err
+                continue
+            if t0 >= measure_from:
+                latencies.append(loop.time() - t0)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, errors, None if first_error is None else str(first_error) or repr(first_error)
+
+
+async def _http_closed_loop(
+    address: str | Sequence[str], request: HttpRequest, concurrency: int, seconds: float, warmup_seconds: float,
+    timeout: float,
+) -> tuple[list[float], int, str | None]:  # fmt: skip
+    """_closed_loop over HTTP/1.1 with aiohttp: one kept-alive connection per caller, addresses taken in turn."""
+    import itertools
+
+    import aiohttp
+
+    from ortserve.server.rest import HEADER_LENGTH
+
+    urls = itertools.cycle([f"http://{a}{request.path}" for a in ([address] if isinstance(address, str) else address)])
+    headers = dict(request.headers)
+    connector = aiohttp.TCPConnector(limit=0)  # no pool limit: every caller keeps its own connection
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+
+        async def send() -> None:
+            async with session.post(next(urls), data=request.body, headers=headers) as response:
+                body = await response.read()
+                problem = request.wrong_answer(response.status, response.headers.get(HEADER_LENGTH), body)
+            if problem is not None:
+                raise WrongAnswer(problem)
+
+        failures = (aiohttp.ClientError, asyncio.TimeoutError, WrongAnswer)
+        return await _callers(send, failures, concurrency, seconds, warmup_seconds)
+
+
 async def _closed_loop(
-    address: str, payload: bytes, concurrency: int, seconds: float, warmup_seconds: float, timeout: float
+    address: str | Sequence[str], payload: bytes | HttpRequest, concurrency: int, seconds: float,
+    warmup_seconds: float, timeout: float,
 ) -> tuple[list[float], int, str | None]:
     """(latencies in seconds, errors, first error) of `concurrency` callers over `seconds` after the warm-up."""
+    if isinstance(payload, HttpRequest):
+        return await _http_closed_loop(address, payload, concurrency, seconds, warmup_seconds, timeout)
     import grpc
 
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    from ortserve.client import channel_target
+
+    target, balancing = channel_target(address)  # several addresses: calls spread round-robin
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1), *balancing]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
         # Identity (de)serialisers: the request is sent as the bytes it was serialised to once, the answer is
         # not parsed. Only its status is checked.
         call = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
         await asyncio.wait_for(channel.channel_ready(), timeout)
-        latencies: list[float] = []
-        errors = 0
-        first_error: BaseException | None = None
-        loop = asyncio.get_running_loop()
-        measure_from = loop.time() + warmup_seconds
-        stop_at = measure_from + seconds
-
-        async def caller() -> None:
-            nonlocal errors, first_error
-            while True:
-                t0 = loop.time()
-                if t0 >= stop_at:
-                    return
-                try:
-                    await call(payload, timeout=timeout)
-                except grpc.aio.AioRpcError as err:
-                    if t0 >= measure_from:
-                        errors += 1
-                        first_error = first_error or err
-                    continue
-                if t0 >= measure_from:
-                    latencies.append(loop.time() - t0)
-
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return latencies, errors, None if first_error is None else str(first_error)
+        return await _callers(lambda: call(payload, timeout=timeout), (grpc.aio.AioRpcError,), concurrency, seconds,
+                              warmup_seconds)  # fmt: skip
 
 
 def _load_result(concurrency: int, seconds: float, parts: Iterable[tuple[list[float], int, str | None]]) -> LoadResult:
@@ -170,6 +276,9 @@ class LoadGenerator:
             result = load.run(address, request, concurrency=32, seconds=3)
 
     The callers are split evenly among the processes; each warms up, then measures for the same `seconds`.
+    `address` may be a list (the replicas of `serve --replicas N`): each process spreads its calls round-robin.
+    With an HttpRequest for `request`, `address` is the HTTP endpoint's HOST:PORT (ServerProcess.endpoints["REST"]).
+    Other load shapes (ortserve.soak) run their own module-level function in the same processes with `submit`.
     """
 
     def __init__(self, processes: int = 1) -> None:
@@ -179,14 +288,22 @@ class LoadGenerator:
         # spawn, not fork: a forked child inherits gRPC's threads and state, which gRPC does not support.
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
 
-    def run(self, address: str, request, concurrency: int = 1, seconds: float = 3.0, warmup_seconds: float = 1.0,
-            timeout: float = 30.0) -> LoadResult:  # fmt: skip
+    def run(self, address: str | Sequence[str], request, concurrency: int = 1, seconds: float = 3.0,
+            warmup_seconds: float = 1.0, timeout: float = 30.0) -> LoadResult:  # fmt: skip
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         payload = serialise(request)
-        shares = [concurrency // self.processes + (i < concurrency % self.processes) for i in range(self.processes)]
-        jobs = [(address, payload, share, seconds, warmup_seconds, timeout) for share in shares if share]
+        jobs = [(address, payload, share, seconds, warmup_seconds, timeout) for share in self.shares(concurrency)]
         return _load_result(concurrency, seconds, self._pool.map(_load_in_process, jobs))
+
+    def shares(self, concurrency: int) -> list[int]:
+        """Callers per process: `concurrency` split as evenly as can be, processes left without one left out."""
+        shares = [concurrency // self.processes + (i < concurrency % self.processes) for i in range(self.processes)]
+        return [share for share in shares if share]
+
+    def submit(self, fn: Callable, *args) -> Future:
+        """Run fn(*args) in a worker process (a module-level function and picklable arguments, as for any pool)."""
+        return self._pool.submit(fn, *args)
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -198,13 +315,13 @@ class LoadGenerator:
         self.close()
 
 
-def serialise(request) -> bytes:
-    """A ModelInferRequest (or bytes already) as the bytes the load generator sends."""
-    return request if isinstance(request, (bytes, bytearray)) else request.SerializeToString()
+def serialise(request) -> bytes | HttpRequest:
+    """A ModelInferRequest (or bytes already) as the bytes the load generator sends; an HttpRequest as it is."""
+    return request if isinstance(request, (bytes, bytearray, HttpRequest)) else request.SerializeToString()
 
 
 def run_load(
-    address: str,
+    address: str | Sequence[str],
     request,
     concurrency: int = 1,
     seconds: float = 3.0,
@@ -295,7 +412,7 @@ def run_bench(model: str, concurrencies: Sequence[int], seconds: float, warmup_s
                     results = []
                     for concurrency in concurrencies:
                         progress(f"{kind}, {concurrency} concurrent caller(s) ...")
-                        results.append(load.run(server.address, payload, concurrency, seconds, warmup_seconds))
+                        results.append(load.run(server.addresses, payload, concurrency, seconds, warmup_seconds))
                     report["servers"][kind] = [r.as_dict() for r in results]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

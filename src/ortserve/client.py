@@ -8,6 +8,16 @@
     async with AsyncInferenceClient("127.0.0.1:50051") as client:
         outputs = await client.infer("digits_cnn", images)
 
+Several addresses -- the replicas of `serve --replicas N`, say -- spread the calls round-robin (gRPC's own
+round_robin policy: a connection to each, calls taken in turn, a replica that is down skipped until it is back):
+
+    with InferenceClient(["127.0.0.1:50051", "127.0.0.1:50052"]) as client: ...
+
+A secured server (see ortserve.server.security) takes a token and TLS settings:
+
+    tls = ClientTls(ca="ca.crt", cert="client.crt", key="client.key")   # cert/key only for mutual TLS
+    with InferenceClient("localhost:50051", token=token, tls=tls) as client: ...
+
 Both talk to any server of the protocol (this one, Triton, MLServer, KServe). Tensors travel as raw contents;
 BYTES tensors come back as object arrays of bytes. Every failed call raises InferenceServerError carrying the
 gRPC status code and the server's message. The encode/decode code is ortserve.server.codec, shared with the server.
@@ -15,6 +25,10 @@ gRPC status code and the server's message. The encode/decode code is ortserve.se
 
 from __future__ import annotations
 
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import grpc
@@ -25,6 +39,7 @@ from pydantic import BaseModel
 from ortserve._proto import grpc_service_pb2 as pb
 from ortserve._proto import grpc_service_pb2_grpc as pb_grpc
 from ortserve.server import codec
+from ortserve.server.security import bearer_metadata
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -78,6 +93,84 @@ class ServerMetadata(BaseModel):
 # What both flavours share: building requests and reading answers
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS for a client, as PEM file paths: `ca` checks the server's certificate (None: the system's trusted
+    roots); `cert` and `key` prove who the client is to a server that asks for it (mutual TLS)."""
+
+    ca: Path | str | None = None
+    cert: Path | str | None = None
+    key: Path | str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("ClientTls: give both cert and key (mutual TLS), or neither")
+
+        def read(path: Path | str | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def open_channel(address: str | Sequence[str], max_message_bytes: int, tls: ClientTls | None, aio: bool = False):
+    """A grpc (or grpc.aio) channel to `address` (several: round robin, see channel_target), plaintext unless
+    `tls` is given."""
+    grpc_module = grpc.aio if aio else grpc
+    target, balancing = channel_target(address)
+    options = [*channel_options(max_message_bytes), *balancing]
+    if tls is None:
+        return grpc_module.insecure_channel(target, options=options)
+    return grpc_module.secure_channel(target, tls.credentials(), options=options)
+
+
+# Calls in turn over every address; a call answered UNAVAILABLE -- a replica draining (SIGTERM) turns new calls
+# away before running them, or went away -- is tried again, on the next address, up to 3 times in all.
+ROUND_ROBIN = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}],
+})  # fmt: skip
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
+    """(gRPC target, extra channel options) for one address, or for several to spread calls over round-robin.
+
+    One address (a string: HOST:PORT, or any gRPC target such as dns:///name:port) goes to gRPC as it is. Several
+    HOST:PORT become one `ipv4:A,B,...` (or `ipv6:`) target under gRPC's round_robin policy, UNAVAILABLE answers
+    retried on the next address (ROUND_ROBIN). Host names among them are resolved here, once; the channel keeps
+    the first address's name as its authority (what TLS checks).
+    """
+    if isinstance(address, str):
+        return address, []
+    addresses = list(address)
+    if len(addresses) <= 1:
+        if not addresses:
+            raise ValueError("no server address given")
+        return addresses[0], []
+    resolved = [_resolve(a) for a in addresses]
+    families = {family for family, _ in resolved}
+    if len(families) > 1:
+        raise ValueError(f"addresses {addresses} mix IPv4 and IPv6; give addresses of one family")
+    scheme = "ipv6" if families == {socket.AF_INET6} else "ipv4"
+    options = [("grpc.service_config", ROUND_ROBIN), ("grpc.default_authority", addresses[0])]
+    return f"{scheme}:" + ",".join(host_port for _, host_port in resolved), options
+
+
+def _resolve(address: str) -> tuple[int, str]:
+    """(address family, IP:PORT) of HOST:PORT ([IPv6]:PORT too), preferring IPv4 when a name has both."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ValueError(f"cannot resolve {address!r}: {error}") from None
+    family, *_, sockaddr = min(infos, key=lambda info: info[0] != socket.AF_INET)
+    ip = sockaddr[0] if family == socket.AF_INET else f"[{sockaddr[0]}]"
+    return family, f"{ip}:{port}"
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
@@ -108,20 +201,24 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
 
 
 class InferenceClient:
-    """Blocking client. `timeout` (seconds) bounds every call unless a call passes its own."""
+    """Blocking client. `address`: HOST:PORT (or any gRPC target), or a list of them to spread calls over
+    round-robin (channel_target). `timeout` (seconds) bounds every call unless a call passes its own. `token` goes
+    with every call as `authorization: Bearer <token>`; `tls` (ClientTls) makes the channel a TLS one."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:  # fmt: skip
-        self.address = address
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:  # fmt: skip
+        self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._auth = bearer_metadata(token) if token is not None else None
+        self.channel = open_channel(address, max_message_bytes, tls)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self._metadata: dict[tuple[str, str], ModelMetadata] = {}
 
     def _call(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._auth)
         except grpc.RpcError as error:
             raise InferenceServerError.from_rpc_error(error) from None
 
@@ -173,18 +270,20 @@ class InferenceClient:
 class AsyncInferenceClient:
     """The asyncio flavour of InferenceClient (grpc.aio): the same methods, awaited."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:  # fmt: skip
-        self.address = address
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
+                 tls: ClientTls | None = None) -> None:  # fmt: skip
+        self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._auth = bearer_metadata(token) if token is not None else None
+        self.channel = open_channel(address, max_message_bytes, tls, aio=True)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self._metadata: dict[tuple[str, str], ModelMetadata] = {}
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._auth)
         except grpc.RpcError as error:
             raise InferenceServerError.from_rpc_error(error) from None
 

@@ -1,9 +1,10 @@
 """Fixtures of the server tests: real servers on ephemeral ports, real channels.
 
-Most tests share one in-process server (BackgroundServer: the grpc.aio server on an event loop in a thread) over
-a repository of small models built here (server_models) plus the zoo's digits models. Shutdown and CLI tests start
-`python -m ortserve serve --grpc_port 0` as a subprocess. Every directory is a per-session or per-test temp dir
-and every port is picked by the system, so the tests run side by side under pytest-xdist.
+Most tests share one in-process server (BackgroundServer: the grpc.aio server and the REST endpoint on one event
+loop in a thread) over a repository of small models built here (server_models) plus the zoo's digits models.
+Shutdown and CLI tests start `python -m ortserve serve --grpc_port 0` as a subprocess. Every directory is a
+per-session or per-test temp dir and every port is picked by the system, so the tests run side by side under
+pytest-xdist.
 """
 
 from __future__ import annotations
@@ -42,8 +43,15 @@ def repository(tmp_path_factory, digits_repository) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository):
-    with BackgroundServer(repository, ServerOptions(port=0)) as running:
+    """The shared server: gRPC and the REST endpoint (ortserve.server.rest), each on a free port."""
+    with BackgroundServer(repository, ServerOptions(port=0, http_port=0)) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def rest_url(server) -> str:
+    """http://HOST:PORT of the shared server's REST endpoint."""
+    return f"http://{server.http_address}"
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,11 @@
 Rooms (data flows down this list and back):
 
     cli.py         command line (the old ONNX Runtime Server's flags), the "serving on" line, ServerProcess
+    replicas.py    `serve --replicas N`: a supervisor running N server processes, a port each
     app.py         the grpc.aio server: servicers, health, reflection, message limits, graceful shutdown
     gate.py        admission of inference calls; turns new ones away while the server drains
+    security.py    TLS (mutual optional) and bearer tokens: credentials, the token check on gRPC and REST
+    observe.py     Prometheus metrics (the metrics endpoint) and the JSON request log, around every inference call
     v2.py          Open Inference Protocol (KServe v2) servicer: messages <-> numpy
     legacy.py      the old ONNX Runtime Server's PredictionService: onnx.TensorProto <-> numpy
     codec.py       the v2 datatype table and tensor encode/decode, shared with ortserve.client

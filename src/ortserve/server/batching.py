@@ -25,12 +25,16 @@ A request larger than max_batch_size runs on its own. Requests asking for differ
 share a run that computes the union. If a batched run fails, every member is run again on its own, so only the
 request at fault sees the error. Batching applies only to models whose inputs and outputs all have a variable
 first axis (`batchable`); a run whose outputs do not have one row per input row is redone member by member.
+
+For metrics (see ortserve.server.runtime): each member's RunTiming gets its wait in the queue, its run's duration
+and rows; `observe_run`, when set, hears of every session.run the batcher makes, joined or alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ortserve.server.runtime import Feeds, SessionRunner, TensorSpec, run_session
+from ortserve.server.runtime import Feeds, RunObserver, RunTiming, SessionRunner, TensorSpec, run_session
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,8 @@ class _Request:
     rows: int
     key: tuple  # requests with equal keys can be concatenated
     future: asyncio.Future
-    queued_at: float
+    queued_at: float  # loop.time(), which is time.monotonic()
+    timing: RunTiming | None
 
 
 @dataclass(eq=False)
@@ -123,11 +128,19 @@ class Batcher:
         self._joining = False  # the last run joined several requests: callers are concurrent
         self._expected_rows = 0  # rows queued plus rows answered when the last run ended
 
-    async def __call__(self, feeds: Feeds, output_names: list[str] | None) -> Feeds:
+    @property
+    def observe_run(self) -> RunObserver | None:
+        return self._run_alone.observe_run
+
+    @observe_run.setter
+    def observe_run(self, observer: RunObserver | None) -> None:
+        self._run_alone.observe_run = observer  # one observer for joined runs and lone ones
+
+    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None) -> Feeds:
         loop = asyncio.get_running_loop()
-        request = self._request(feeds, output_names, loop)
+        request = self._request(feeds, output_names, loop, timing)
         if request is None:  # cannot join a batch: run it as it is
-            return await self._run_alone(feeds, output_names)
+            return await self._run_alone(feeds, output_names, timing)
         self._queue.append(request)
         self._queued_rows += request.rows
         if not self._decide_soon:
@@ -136,7 +149,7 @@ class Batcher:
             loop.call_soon(self._decide, loop)
         return await request.future
 
-    def _request(self, feeds: Feeds, output_names: list[str] | None, loop) -> _Request | None:
+    def _request(self, feeds: Feeds, output_names: list[str] | None, loop, timing: RunTiming | None) -> _Request | None:
         rows = None
         trailing = []
         for name, array in feeds.items():
@@ -146,7 +159,9 @@ class Batcher:
             trailing.append((name, array.shape[1:]))
         if rows is None or rows == 0 or rows > self.max_batch_size or self.row_wise is False:
             return None
-        return _Request(feeds, output_names, rows, tuple(trailing), loop.create_future(), loop.time())
+        if timing is not None:
+            timing.rows = rows
+        return _Request(feeds, output_names, rows, tuple(trailing), loop.create_future(), loop.time(), timing)
 
     # ----------------------------------------------------------------------------------------------
     # Forming batches
@@ -232,7 +247,7 @@ class Batcher:
     def _work(self, batch: _Batch, loop) -> None:
         members = batch.members
         if len(members) == 1:
-            answers = [self._attempt(members[0].feeds, members[0].output_names)]
+            answers = [self._attempt(members[0])]
         else:
             answers = self._run_joined(batch)
         try:
@@ -244,15 +259,19 @@ class Batcher:
         members = batch.members
         names = self._union_outputs(members)
         feeds = {name: np.concatenate([m.feeds[name] for m in members]) for name in members[0].feeds}
+        started = time.monotonic()
         try:
-            outputs = run_session(self.session, feeds, names, self.label)
+            try:
+                outputs = run_session(self.session, feeds, names, self.label)
+            finally:
+                self._ran(members, batch.rows, started)
             if any(np.ndim(v) == 0 or len(v) != batch.rows for v in outputs.values()):
                 self.row_wise = False
                 log.warning("%s: outputs do not have one row per input row; batching turned off", self.label)
                 raise _NotRowWise()
         except Exception as error:
             log.debug("%s: a batch of %d requests failed (%s); running each alone", self.label, len(members), error)
-            return [self._attempt(m.feeds, m.output_names) for m in members]
+            return [self._attempt(m) for m in members]
         answers = []
         start = 0
         for member in members:
@@ -262,11 +281,25 @@ class Batcher:
             start = stop
         return answers
 
-    def _attempt(self, feeds: Feeds, output_names: list[str] | None) -> tuple[Feeds | None, BaseException | None]:
+    def _attempt(self, member: _Request) -> tuple[Feeds | None, BaseException | None]:
+        started = time.monotonic()
         try:
-            return run_session(self.session, feeds, output_names or self.all_outputs, self.label), None
+            return run_session(self.session, member.feeds, member.output_names or self.all_outputs, self.label), None
         except Exception as error:
             return None, error
+        finally:
+            self._ran([member], member.rows, started)
+
+    def _ran(self, members: list[_Request], rows: int, started: float) -> None:
+        """Note a session.run of `rows` rows for `members`, begun at `started`: their timings, the run observer."""
+        seconds = time.monotonic() - started
+        for member in members:
+            if member.timing is not None:
+                timing = member.timing
+                timing.queue, timing.run, timing.batch = started - member.queued_at, seconds, rows
+        observer = self._run_alone.observe_run
+        if observer is not None:
+            observer(rows, seconds)
 
     def _complete(self, batch: _Batch, answers, loop) -> None:
         for member, (result, error) in zip(batch.members, answers):

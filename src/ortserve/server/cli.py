@@ -8,10 +8,21 @@ Once it listens, the server prints exactly one line on stdout (logs go to stderr
 
     ortserve: serving on HOST:PORT (models: NAME vVERSION, NAME vVERSION, ...)
 
-for example `ortserve: serving on 127.0.0.1:50051 (models: digits_cnn v1, digits_forest v1)`. PORT is the port
+for example `ortserve: serving on 127.0.0.1:50051 (models: digits_cnn v1, digits_forest v1)`; a secured server
+says how after the address: `... on 127.0.0.1:50051 with mutual TLS, bearer tokens (models: ...)`. PORT is the port
 actually bound, so `--grpc_port 0` (any free port) can be found from this line; READY_PATTERN matches it and
 ServerProcess starts a server in a subprocess and reads it. SIGTERM or SIGINT shut the server down gracefully
-(exit status 0).
+(exit status 0). With `--replicas N` a supervisor runs N servers, a port each (ortserve.server.replicas), and
+prints one such line listing every address, comma-separated: `ortserve: serving on 127.0.0.1:50051,127.0.0.1:50052
+(models: ...)`; ServerProcess.addresses has them all.
+
+Before it, each extra endpoint prints one line, `ortserve: NAME endpoint on HOST:PORT` (ENDPOINT_LINE, matched by
+ENDPOINT_PATTERN; ServerProcess.endpoints maps NAME to HOST:PORT). The HTTP/REST form of the protocol
+(ortserve.server.rest) is one: `ortserve: REST endpoint on 127.0.0.1:9001`. --http_port 0 picks a free port for it
+and a negative --http_port (e.g. -1) turns REST off. The Prometheus metrics endpoint (ortserve.server.observe) is
+another: `ortserve: metrics endpoint on 127.0.0.1:8002` (--metrics_port, 0 and negative alike); --request_log
+adds one JSON line per inference request to stderr or a file. ServerProcess passes `<flag> 0` for every flag of
+EPHEMERAL_PORT_FLAGS its args do not set, so servers started side by side never collide on a default port.
 """
 
 from __future__ import annotations
@@ -38,14 +49,29 @@ from ortserve.server.app import (
     ServerOptions,
 )
 from ortserve.server.batching import BatchingDefaults
-from ortserve.server.errors import RepositoryError
+from ortserve.server.observe import DEFAULT_METRICS_PORT, configure_request_log
+from ortserve.server.errors import ConfigurationError, RepositoryError
 from ortserve.server.runtime import SessionSettings
+from ortserve.server.security import TOKEN_ENV, TlsSettings, TokenAuthority, describe
 
 log = logging.getLogger("ortserve.server")
 
 READY_LINE = "ortserve: serving on {address} (models: {models})"
-READY_PATTERN = re.compile(r"^ortserve: serving on (?P<host>\S+):(?P<port>\d+) \(models: (?P<models>.*)\)$")
+# `addresses`: one HOST:PORT, or several comma-separated (--replicas); host and port are those of the first.
+READY_PATTERN = re.compile(
+    r"^ortserve: serving on (?P<addresses>(?P<host>[^\s,]+):(?P<port>\d+)(?:,[^\s,]+)*)"
+    r"(?: with (?P<security>[^()]+))? \(models: (?P<models>.*)\)$"
+)
 DEFAULT_HTTP_PORT = 9001
+ENDPOINT_LINE = "ortserve: {name} endpoint on {address}"
+# `address`: one HOST:PORT, or several comma-separated (--replicas); host and port are those of the first.
+ENDPOINT_PATTERN = re.compile(
+    r"^ortserve: (?P<name>\S+) endpoint on (?P<address>(?P<host>[^\s,]+):(?P<port>\d+)(?:,[^\s,]+)*)$"
+)
+# Port flags ServerProcess sets to `0` (any free port) when it is not given them, so that no server a test or a
+# notebook starts ever binds a default port another one holds.
+EPHEMERAL_PORT_FLAGS: tuple[str, ...] = ("--grpc_port", "--http_port", "--metrics_port")
+SERVE_COMMAND = ("-m", "ortserve", "serve")
 # The old server's log levels.
 LOG_LEVELS = {
     "verbose": logging.DEBUG,
@@ -77,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc_port", type=int, default=DEFAULT_PORT,
                         help="gRPC port (default: %(default)s; 0 picks a free port, printed on the serving line)")
     parser.add_argument("--http_port", type=int, default=DEFAULT_HTTP_PORT,
-                        help="HTTP/REST port (default: %(default)s); reserved: the REST endpoint is not served yet")
+                        help="HTTP/REST port of the Open Inference Protocol (default: %(default)s; 0 picks a free "
+                             "port, printed on the 'REST endpoint on' line; a negative value, e.g. -1, turns REST "
+                             "off)")  # fmt: skip
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info",
                         help="logging verbosity, as the old server named it (default: %(default)s)")
     parser.add_argument("--num_threads", type=int, default=None, metavar="N",
@@ -104,7 +132,43 @@ def build_parser() -> argparse.ArgumentParser:
                              "RESOURCE_EXHAUSTED")  # fmt: skip
     parser.add_argument("--grace_period", type=float, default=DEFAULT_GRACE_PERIOD, metavar="SECONDS",
                         help="on SIGTERM/SIGINT, how long calls in flight may take to finish (default: %(default)g)")
+    observe = parser.add_argument_group("observability", "Prometheus metrics and the request log "
+                                        "(ortserve.server.observe)")  # fmt: skip
+    observe.add_argument("--metrics_port", type=int, default=DEFAULT_METRICS_PORT, metavar="PORT",
+                         help="port of the Prometheus metrics endpoint, GET /metrics (default: %(default)s, as "
+                              "Triton's; 0 picks a free port, printed on the 'metrics endpoint on' line; a negative "
+                              "value, e.g. -1, turns it off)")  # fmt: skip
+    observe.add_argument("--request_log", nargs="?", const="-", default=None, metavar="FILE",
+                         help="log every inference request as one JSON line (model, version, protocol, id, status, "
+                              "batch size, queue/run/total ms, error) to stderr, or appended to FILE; off by default "
+                              "(at thousands of requests per second it costs throughput)")  # fmt: skip
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="run N server processes under a supervisor, a port each (--grpc_port, +1, ...; every "
+                             "other port flag likewise), the cores shared among them; 0: one per core (default: "
+                             "%(default)s). See ortserve.server.replicas")  # fmt: skip
+    security = parser.add_argument_group("security", f"TLS and bearer tokens (ortserve.server.security). Tokens "
+                                         f"come from --auth_token_file or ${TOKEN_ENV} (one token, or several "
+                                         "separated by commas), not both; with either, every call except the "
+                                         "health checks needs 'authorization: Bearer <token>'.")  # fmt: skip
+    security.add_argument("--tls_cert", type=Path, metavar="PEM",
+                          help="serve TLS with this certificate (chain), the server's own first; needs --tls_key")
+    security.add_argument("--tls_key", type=Path, metavar="PEM", help="the certificate's private key (unencrypted)")
+    security.add_argument("--tls_client_ca", type=Path, metavar="PEM",
+                          help="mutual TLS: accept only clients whose certificate this CA signed")
+    security.add_argument("--auth_token_file", type=Path, metavar="FILE",
+                          help="accept the bearer tokens in FILE, one per line (# comments); re-read when it "
+                               "changes, so tokens rotate without a restart")  # fmt: skip
     return parser
+
+
+def tls_from(args: argparse.Namespace) -> TlsSettings | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ConfigurationError("--tls_client_ca needs TLS: give --tls_cert and --tls_key too")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ConfigurationError("TLS needs both --tls_cert and --tls_key (the certificate and its private key)")
+    return TlsSettings.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
 
 
 def options_from(args: argparse.Namespace) -> ServerOptions:
@@ -117,6 +181,11 @@ def options_from(args: argparse.Namespace) -> ServerOptions:
         workers=args.workers,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
+        http_port=args.http_port if args.http_port >= 0 else None,
+        metrics_port=args.metrics_port if args.metrics_port >= 0 else None,
+        request_log=args.request_log is not None,
+        tls=tls_from(args),
+        auth=TokenAuthority.from_sources(args.auth_token_file),
     )
 
 
@@ -135,27 +204,43 @@ def model_location(args: argparse.Namespace) -> Path:
 
 def ready_line(server: InferenceServer) -> str:
     models = ", ".join(f"{m.name} v{m.version}" for m in server.repository)
-    return READY_LINE.format(address=server.address, models=models)
+    security = describe(server.options.tls, server.options.auth)  # e.g. "TLS, bearer tokens"
+    address = f"{server.address} with {security}" if security else server.address
+    return READY_LINE.format(address=address, models=models)
 
 
 async def run(args: argparse.Namespace) -> int:
-    server = InferenceServer.from_location(model_location(args), options_from(args))
-    await server.start()
-    if args.http_port:
-        log.info("HTTP/REST is not served yet: --http_port %d is reserved for it", args.http_port)
-    print(ready_line(server), flush=True)
-    await server.serve_until_signalled()
+    options = options_from(args)  # before loading models: a bad TLS or token file fails fast
+    server = InferenceServer.from_location(model_location(args), options)
+    writer = configure_request_log(args.request_log) if args.request_log is not None else None
+    try:
+        await server.start()
+        if server.http_address is not None:
+            print(ENDPOINT_LINE.format(name="REST", address=server.http_address), flush=True)
+        if server.metrics_address is not None:
+            print(ENDPOINT_LINE.format(name="metrics", address=server.metrics_address), flush=True)
+        print(ready_line(server), flush=True)
+        await server.serve_until_signalled()
+    finally:
+        if writer is not None:
+            writer.stop()  # writes what is queued
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=LOG_LEVELS[args.log_level], stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from ortserve.server import replicas  # imports this module: imported here, not at the top
+
+    if args.replicas != 1:
+        return replicas.main(argv, args)
+    replicas.follow_supervisor()  # a replica stops with its supervisor
     try:
         return asyncio.run(run(args))
-    except (RepositoryError, OSError) as error:
+    except (RepositoryError, ConfigurationError, OSError) as error:
         log.error("%s", error)
         return 1
 
@@ -170,12 +255,15 @@ class ServerProcess:
         with ServerProcess(["--grpc_port", "0", "--model_path", "model.onnx"]) as server:
             client = InferenceClient(server.address)
 
-    With capture_log=True the server's log (stderr) is kept, line by line, for `wait_for_log`.
+    With capture_log=True the server's log (stderr) is kept, line by line, for `wait_for_log`. The extra
+    endpoints it announces are in `endpoints` (e.g. endpoints["REST"] == "127.0.0.1:41234"); unless `args` set
+    them, it asks for those of EPHEMERAL_PORT_FLAGS on any free port (the subclasses running another command,
+    such as ortserve.yardsticks', are given their args as they are).
     """
 
-    command: tuple[str, ...] = ("-m", "ortserve", "serve")  # what follows the interpreter (subclasses change it)
+    command: tuple[str, ...] = SERVE_COMMAND  # what follows the interpreter (subclasses change it)
 
-    def __init__(self, args: Sequence[str] = ("--grpc_port", "0"), python: str = sys.executable,
+    def __init__(self, args: Sequence[str] = (), python: str = sys.executable,
                  startup_timeout: float = 300.0, capture_log: bool = False) -> None:  # fmt: skip
         self.args = list(args)
         self.python = python
@@ -185,6 +273,9 @@ class ServerProcess:
         self.host = ""
         self.port = 0
         self.models = ""
+        self.security = ""  # how the server said it is secured, e.g. "mutual TLS, bearer tokens"
+        self.addresses: list[str] = []  # every replica's HOST:PORT (one unless --replicas); address is the first
+        self.endpoints: dict[str, str] = {}  # extra endpoints announced before the serving line: name -> HOST:PORT
         self.log_lines: queue.Queue[str | None] = queue.Queue()
 
     @property
@@ -192,6 +283,8 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     def start(self) -> "ServerProcess":
+        if self.command == SERVE_COMMAND:
+            self.args += [arg for flag in EPHEMERAL_PORT_FLAGS if not _sets(self.args, flag) for arg in (flag, "0")]
         self.process = subprocess.Popen(
             [self.python, *self.command, *self.args],
             stdout=subprocess.PIPE,
@@ -208,7 +301,11 @@ class ServerProcess:
             match = READY_PATTERN.match(line.strip())
             if match:
                 self.host, self.port, self.models = match["host"], int(match["port"]), match["models"]
+                self.security = match["security"] or ""
+                self.addresses = match["addresses"].split(",")
                 return self
+            if endpoint := ENDPOINT_PATTERN.match(line.strip()):
+                self.endpoints[endpoint["name"]] = endpoint["address"]
         self.process.kill()
         code = self.process.wait()
         raise RuntimeError(f"the server exited (status {code}) or never said it was serving: {self.args}")
@@ -242,6 +339,10 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.terminate()
+
+
+def _sets(args: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
 
 
 def _drain(stream, lines: queue.Queue) -> None:

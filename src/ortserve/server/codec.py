@@ -8,14 +8,19 @@ tensors are, per element, a little-endian uint32 length followed by the bytes. T
 
 BYTES tensors come out as numpy object arrays of `bytes`, like tritonclient's. Errors in what a peer sent raise
 InvalidInput (a ValueError).
+
+The REST form of the protocol (ortserve.server.rest) has its tensors here too, at the end: JSON tensors, whose
+elements are checked strictly against the datatype (no float taken for an integer, no number for a boolean, no
+value that does not fit), and the binary tensor data extension, whose bytes are the raw contents above.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -236,3 +241,171 @@ def decode_response_outputs(response: pb.ModelInferResponse) -> dict[str, np.nda
         else:
             arrays[tensor.name] = from_contents(tensor.datatype, tensor.shape, tensor.contents, what)
     return arrays
+
+
+# --------------------------------------------------------------------------------------------------
+# The REST form: JSON tensors and the binary tensor data extension (ortserve.server.rest)
+#
+# A JSON tensor is {"name", "shape", "datatype", "data"}: "data" holds the elements row-major, flat or nested as
+# the shape; numbers for the numeric datatypes (FP16 too), true/false for BOOL, strings for BYTES. With the binary
+# data extension a tensor has parameters {"binary_data_size": N} instead of "data", and its raw bytes (as in
+# raw_input_contents) follow the JSON header in the body, in the order of the tensors.
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "true/false", int: "a number",
+               float: "a number", type(None): "null"}  # fmt: skip
+_EXPECTED = {str: "a string", list: "an array", dict: "an object", int: "an integer", bool: "true or false"}
+# Python types json.loads gives that each datatype accepts (bool is not an int here, nor an int a bool).
+_JSON_ELEMENT_TYPES: dict[str, set[type]] = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}, "O": {str}}
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed JSON value ("an object", "a string", ...), for messages."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def json_field(obj: Mapping, key: str, kind: type, what: str, required: bool = True):
+    """obj[key] if it is of `kind` (None when absent and not required), else InvalidInput naming both types."""
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{what} has no {key!r}; expected {_EXPECTED[kind]}")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidInput(f"{what}: {key!r} must be {_EXPECTED[kind]}, got {json_type(value)}: {_excerpt(value)}")
+    return value
+
+
+def json_shape(tensor: Mapping, what: str) -> list[int]:
+    shape = json_field(tensor, "shape", list, what)
+    if not all(type(d) is int for d in shape):
+        raise InvalidInput(f"{what}: 'shape' must be an array of integers, got {_excerpt(shape)}")
+    return shape
+
+
+def from_json(datatype: str, shape: Sequence[int], data: object, what: str) -> np.ndarray:
+    """A tensor from the "data" of a JSON tensor, checked against its datatype and shape."""
+    kind = lookup(datatype)
+    count = element_count(shape, what)
+    if not isinstance(data, list):
+        raise InvalidInput(f"{what}: 'data' must be an array of values, flat or nested as the shape, "
+                           f"got {json_type(data)}")  # fmt: skip
+    flat: Sequence = data
+    if data and type(data[0]) is list:  # nested: numpy finds the nesting (ragged rows stay lists, caught below)
+        nested = np.array(data, dtype=object)
+        flat = nested.reshape(-1)
+        if any(type(v) is list for v in flat):
+            raise InvalidInput(f"{what}: 'data' is nested unevenly; send it flat or nested as the shape {list(shape)}")
+        if nested.shape != tuple(shape):
+            raise InvalidInput(f"{what}: 'data' is nested as {list(nested.shape)}, which is not the shape "
+                               f"{list(shape)}; send it flat or nested as the shape")  # fmt: skip
+    if len(flat) != count:
+        raise InvalidInput(f"{what}: {len(flat)} values for shape {list(shape)} ({count} expected)")
+    allowed = _JSON_ELEMENT_TYPES[kind.dtype.kind]
+    found = set(map(type, flat))
+    if not found <= allowed:
+        bad = next(v for v in flat if type(v) not in allowed)
+        if isinstance(bad, list):
+            raise InvalidInput(f"{what}: 'data' is nested unevenly; send it flat or nested as the shape {list(shape)}")
+        wanted = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "O": "strings"}
+        raise InvalidInput(f"{what}: {datatype} data must be {wanted[kind.dtype.kind]}, got {_excerpt(bad)}")
+    if kind.name == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = [s.encode("utf-8") for s in flat]  # the bytes the binary form would carry, as gRPC's codec gives
+        return array.reshape(shape)
+    try:
+        with np.errstate(over="ignore"):
+            array = np.array(flat, dtype=kind.dtype)
+    except OverflowError:
+        info = np.iinfo(kind.dtype)
+        bad = next(v for v in flat if not info.min <= v <= info.max)
+        raise InvalidInput(f"{what}: value {bad} does not fit {datatype} ({info.min} to {info.max})") from None
+    if kind.dtype.kind == "f" and kind.dtype.itemsize < 8 and not np.isfinite(array).all():
+        source = np.asarray(flat, dtype=np.float64)
+        overflow = np.isfinite(source) & ~np.isfinite(array)
+        if overflow.any():
+            bad = source[overflow][0]
+            raise InvalidInput(f"{what}: value {bad:g} does not fit {datatype} (largest {np.finfo(kind.dtype).max:g})")
+    return array.reshape(shape)
+
+
+def to_json(array: np.ndarray, what: str) -> dict:
+    """{"datatype", "shape", "data"} of an array, "data" flat row-major; BYTES as UTF-8 strings."""
+    datatype = datatype_of(array.dtype)
+    flat = np.asarray(array).reshape(-1)
+    if datatype == "BYTES":
+        data = []
+        for item in flat:
+            if isinstance(item, (bytes, bytearray, np.bytes_)):
+                try:
+                    item = bytes(item).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"{what} holds bytes that are not UTF-8 text, which JSON cannot carry; ask "
+                                       "for it as binary data (output parameters {\"binary_data\": true})") from None
+            data.append(str(item))
+    else:
+        data = flat.tolist()
+    return {"datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def decode_json_inputs(inputs: object, binary: memoryview) -> dict[str, np.ndarray]:
+    """The input tensors of a REST request, by name: its "inputs", with `binary` the body after the JSON header."""
+    if not isinstance(inputs, list):
+        raise InvalidInput(f"'inputs' must be an array of tensors {{\"name\", \"shape\", \"datatype\", \"data\"}}, "
+                           f"got {json_type(inputs)}")  # fmt: skip
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise InvalidInput(f"inputs[{i}] must be an object {{\"name\", \"shape\", \"datatype\", \"data\"}}, "
+                               f"got {json_type(tensor)}")  # fmt: skip
+        name = json_field(tensor, "name", str, f"inputs[{i}]")
+        what = f"input {name!r}"
+        if name in arrays:
+            raise InvalidInput(f"{what} is given twice")
+        datatype = json_field(tensor, "datatype", str, what)
+        shape = json_shape(tensor, what)
+        parameters = json_field(tensor, "parameters", dict, what, required=False) or {}
+        if "shared_memory_region" in parameters:
+            raise InvalidInput(f"{what}: shared memory is not supported by this server; send the data in the body")
+        size, data = parameters.get("binary_data_size"), tensor.get("data")  # null counts as absent
+        if size is None:
+            if data is None:
+                raise InvalidInput(f"{what} has no data: give its 'data', or binary data after the JSON header with "
+                                   "parameters {\"binary_data_size\": N}")  # fmt: skip
+            arrays[name] = from_json(datatype, shape, data, what)
+            continue
+        if data is not None:
+            raise InvalidInput(f"{what} has both 'data' and parameters.binary_data_size; use one")
+        if type(size) is not int or size < 0:
+            raise InvalidInput(f"{what}: binary_data_size must be a byte count (an integer >= 0), got {_excerpt(size)}")
+        if offset + size > len(binary):
+            raise InvalidInput(f"{what}: binary_data_size {size} runs past the end of the body: only "
+                               f"{len(binary) - offset} bytes of binary data remain after the tensors before it")
+        arrays[name] = from_raw(datatype, shape, binary[offset : offset + size], what)
+        offset += size
+    if offset != len(binary):
+        raise InvalidInput(f"the body carries {len(binary)} bytes of binary data after the JSON header, but the "
+                           f"inputs' binary_data_size add up to {offset}")  # fmt: skip
+    return arrays
+
+
+def encode_json_outputs(outputs: Mapping[str, np.ndarray], binary: Callable[[str], bool]) -> tuple[list[dict], bytes]:
+    """The "outputs" of a REST answer and the binary data to send after it: the outputs for which binary(name)
+    is true carry parameters {"binary_data_size": N} and travel raw, in order; the others as JSON data."""
+    tensors = []
+    chunks = []
+    for name, array in outputs.items():
+        if binary(name):
+            datatype, shape, raw = to_raw(array)
+            tensors.append({"name": name, "datatype": datatype, "shape": shape,
+                            "parameters": {"binary_data_size": len(raw)}})  # fmt: skip
+            chunks.append(raw)
+        else:
+            tensors.append({"name": name, **to_json(array, f"output {name!r}")})
+    return tensors, b"".join(chunks)
+
+
+def _excerpt(value: object, limit: int = 60) -> str:
+    """A JSON value as JSON text, cut short, for messages."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,15 +1,16 @@
-"""The server's errors, and the one place that turns them into gRPC status codes.
+"""The server's errors, and the one place that turns them into status codes: gRPC's and HTTP's.
 
-Code below the servicers raises these plain exceptions and never touches gRPC; `grpc_errors` wraps every servicer
-method and aborts the call with the status this module assigns. The messages are meant for the person who sent
-the request: they name what was expected and what came.
+Code below the servicers raises these plain exceptions and never touches gRPC or HTTP; `grpc_errors` wraps every
+servicer method and aborts the call with the status this module assigns, and the REST endpoint
+(ortserve.server.rest) answers with the HTTP status of the same row (`http_status_of`). The messages are meant
+for the person who sent the request: they name what was expected and what came.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 import grpc
 
@@ -40,25 +41,57 @@ class ShuttingDown(ServingError):
     """The server is draining before it stops and takes no new work."""
 
 
+class MessageTooLarge(ServingError):
+    """A request (or its answer) is larger than the server's message limit (gRPC enforces its own)."""
+
+
+class Unauthenticated(ServingError):
+    """The call carries no bearer token, a malformed one, or one the server does not accept (never echoed)."""
+
+
 class RepositoryError(Exception):
     """The model repository or a model's config is unusable. Raised at start-up, never sent to a client."""
 
 
-# The mapping. Order matters only for subclasses, and there are none among these.
-STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelRunError: grpc.StatusCode.INTERNAL,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+class ConfigurationError(Exception):
+    """A server setting is unusable (TLS files, token file). Raised at start-up, never sent to a client."""
+
+
+class Status(NamedTuple):
+    grpc: grpc.StatusCode
+    http: int
+
+
+# The mapping: each error's gRPC status code and HTTP status. Order matters only for subclasses, and there are
+# none among these.
+STATUS_CODES: dict[type[ServingError], Status] = {
+    ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    InvalidInput: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    MessageTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    ModelRunError: Status(grpc.StatusCode.INTERNAL, 500),
+    ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
 }
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)  # anything unexpected: a bug of ours
+
+
+def _status(error: BaseException) -> tuple[Status, str]:
+    for kind, status in STATUS_CODES.items():
+        if isinstance(error, kind):
+            return status, error.message
+    return INTERNAL, f"internal server error: {type(error).__name__}: {error}"
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client gets for `error`; anything unexpected is INTERNAL."""
-    for kind, code in STATUS_CODES.items():
-        if isinstance(error, kind):
-            return code, error.message
-    return grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}"
+    """The gRPC status code and message a client gets for `error`; anything unexpected is INTERNAL."""
+    status, message = _status(error)
+    return status.grpc, message
+
+
+def http_status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and message a REST client gets for `error`; anything unexpected is 500."""
+    status, message = _status(error)
+    return status.http, message
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])

@@ -12,6 +12,7 @@ from ortserve._proto import predict_pb2 as pb
 from ortserve._proto import predict_pb2_grpc as pb_grpc
 from ortserve.server.errors import InvalidInput, grpc_errors
 from ortserve.server.gate import Gate
+from ortserve.server.observe import Observer
 from ortserve.server.repository import Repository
 
 
@@ -23,17 +24,19 @@ def tensor_to_array(name: str, tensor):
 
 
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
-    def __init__(self, repository: Repository, gate: Gate) -> None:
+    def __init__(self, repository: Repository, gate: Gate, observer: Observer | None = None) -> None:
         self.repository = repository
         self.gate = gate
+        self.observer = observer or Observer(repository, gate)
 
     @grpc_errors
     async def Predict(self, request, context):
-        model = self.repository.default_model()
-        inputs = {name: tensor_to_array(name, tensor) for name, tensor in request.inputs.items()}
-        with self.gate.admit():
-            outputs = await model.infer(inputs, list(request.output_filter))
-        response = pb.PredictResponse()
-        for name, array in outputs.items():
-            response.outputs[name].CopyFrom(numpy_helper.from_array(array, name))
+        with self.observer.request("legacy", "") as record:  # the protocol names no model: counted under its model
+            model = record.model = self.repository.default_model()
+            inputs = {name: tensor_to_array(name, tensor) for name, tensor in request.inputs.items()}
+            with self.gate.admit():
+                outputs = await model.infer(inputs, list(request.output_filter), record.timing)
+            response = pb.PredictResponse()
+            for name, array in outputs.items():
+                response.outputs[name].CopyFrom(numpy_helper.from_array(array, name))
         return response

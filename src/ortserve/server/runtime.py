@@ -9,11 +9,20 @@ outputs) and raises InvalidInput on any mismatch, so a bad request never gets fu
 feeds to the model's `runner`. Today the runner calls session.run in a worker thread (ONNX Runtime releases the
 GIL, and the event loop never blocks on a run). A dynamic batcher slots in as another runner with the same call
 signature -- `await runner(feeds, output_names)` -- that joins requests agreeing on all axes but the first.
+
+Runners also say how a request went, for metrics and the request log (ortserve.server.observe): given a
+`RunTiming`, they fill in how long it waited for a run, how long the run took and how many rows the run held;
+and each runner calls its `observe_run(rows, seconds)`, when set, once per session.run.
+
+Strings: a string input takes BYTES (UTF-8 bytes, decoded here; anything else is InvalidInput naming the element)
+or str. A model whose graph imports onnxruntime-extensions' operator domain (a tokenizer in the graph, say) gets
+that custom-op library registered on its session; other models never load it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +44,26 @@ ORT_DTYPES: dict[str, np.dtype] = {
 
 Feeds = dict[str, np.ndarray]
 MAX_REMEMBERED_SIGNATURES = 1024
-Runner = Callable[[Feeds, "list[str] | None"], Awaitable[Feeds]]
+RunObserver = Callable[[int, float], None]  # (rows, seconds) of one session.run; called in the worker thread
+
+
+class RunTiming:
+    """How one request went through its runner (filled in by the runner; all zero if it never reached a run).
+
+    Times are seconds on time.monotonic(), the event loop's clock: `queue` from the request reaching the runner
+    to its session.run starting, `run` that run's duration, `batch` the rows in that run, `rows` the request's own.
+    """
+
+    __slots__ = ("queue", "run", "batch", "rows")
+
+    def __init__(self) -> None:
+        self.queue = 0.0
+        self.run = 0.0
+        self.batch = 0
+        self.rows = 0
+
+
+Runner = Callable[[Feeds, "list[str] | None", "RunTiming | None"], Awaitable[Feeds]]
 
 
 @dataclass(frozen=True)
@@ -77,10 +105,71 @@ def load_session(path: Path, settings: SessionSettings):
         options.intra_op_num_threads = settings.intra_op_threads
     if settings.inter_op_threads is not None:
         options.inter_op_num_threads = settings.inter_op_threads
+    custom = imported_domains(path) & EXTENSIONS_DOMAINS
+    if custom:  # only models that use them load the custom-op library: the others pay nothing
+        options.register_custom_ops_library(extensions_library(path, custom))
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise RepositoryError(f"ONNX Runtime cannot load {path}: {error}") from error
+
+
+# The operator domains of onnxruntime-extensions (tokenizers, string ops...): not built into ONNX Runtime.
+EXTENSIONS_DOMAINS = frozenset({"ai.onnx.contrib", "com.microsoft.extensions"})
+
+
+def extensions_library(path: Path, domains: set[str]) -> str:
+    """The path of onnxruntime-extensions' custom-op library, or RepositoryError if it is not installed."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        raise RepositoryError(
+            f"{path} uses operators of the domain {', '.join(sorted(domains))}, which need onnxruntime-extensions; "
+            "install it (pip install onnxruntime-extensions)"
+        ) from None
+    return get_library_path()
+
+
+def imported_domains(path: Path) -> set[str]:
+    """The operator domains a model file imports (ModelProto.opset_import), read without parsing its graph.
+
+    Walks the file's top-level protobuf fields and skips the others by their length, so a 100 MB model costs a
+    few reads. A file that is not a model gives what was found before the damage; ONNX Runtime then says why.
+    """
+    from google.protobuf.message import DecodeError
+    from onnx import OperatorSetIdProto
+
+    opset_import = 8  # the field number in onnx.proto
+    domains: set[str] = set()
+    with open(path, "rb") as file:
+        while (key := _read_varint(file)) is not None:
+            field, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _read_varint(file)
+            elif wire_type in (1, 5):  # fixed 64 or 32 bits
+                file.seek(8 if wire_type == 1 else 4, 1)
+            elif wire_type == 2:  # length-delimited: a message, string or bytes
+                size = _read_varint(file) or 0
+                if field != opset_import:
+                    file.seek(size, 1)
+                    continue
+                try:
+                    domains.add(OperatorSetIdProto.FromString(file.read(size)).domain)
+                except DecodeError:
+                    break
+            else:
+                break
+    return domains
+
+
+def _read_varint(file) -> int | None:
+    value = shift = 0
+    while byte := file.read(1):
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    return None
 
 
 def _spec(node_arg, where: str) -> TensorSpec:
@@ -118,11 +207,15 @@ class Model:
     def label(self) -> str:
         return f"model {self.name!r} version {self.version}"
 
-    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> Feeds:
-        """Check the request, then run it; the answer holds the requested outputs (all when None) by name."""
+    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+                    timing: RunTiming | None = None) -> Feeds:  # fmt: skip
+        """Check the request, then run it; the answer holds the requested outputs (all when None) by name.
+
+        `timing`, when given, is filled in with the request's queue and run times (see RunTiming).
+        """
         feeds = self.check_inputs(inputs)
         output_names = self.check_outputs(outputs)
-        return await self.runner(feeds, output_names)
+        return await self.runner(feeds, output_names, timing)
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> Feeds:
         """The inputs as ONNX Runtime wants them, or InvalidInput saying what was expected and what came."""
@@ -229,11 +322,33 @@ class SessionRunner:
         self.executor = executor
         self.label = label
         self.all_outputs = [o.name for o in session.get_outputs()]
+        self.observe_run: RunObserver | None = None
 
-    async def __call__(self, feeds: Feeds, output_names: list[str] | None) -> Feeds:
+    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None) -> Feeds:
         loop = asyncio.get_running_loop()
         names = output_names or self.all_outputs
-        return await loop.run_in_executor(self.executor, run_session, self.session, feeds, names, self.label)
+        if timing is None and self.observe_run is None:
+            return await loop.run_in_executor(self.executor, run_session, self.session, feeds, names, self.label)
+        return await loop.run_in_executor(self.executor, self._timed_run, feeds, names, timing, time.monotonic())
+
+    def _timed_run(self, feeds: Feeds, names: list[str], timing: RunTiming | None, queued_at: float) -> Feeds:
+        started = time.monotonic()
+        try:
+            return run_session(self.session, feeds, names, self.label)
+        finally:
+            seconds = time.monotonic() - started
+            rows = leading_rows(feeds)
+            if timing is not None:
+                timing.queue, timing.run, timing.batch, timing.rows = started - queued_at, seconds, rows, rows
+            if self.observe_run is not None:
+                self.observe_run(rows, seconds)
+
+
+def leading_rows(feeds: Feeds) -> int:
+    """Rows of a request: the first axis of its first input (1 for a scalar or no input)."""
+    for array in feeds.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1
 
 
 def run_session(session, feeds: Feeds, names: list[str], label: str) -> Feeds:
