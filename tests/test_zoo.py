@@ -87,6 +87,24 @@ def test_concurrent_ensure_builds_once(private_models_dir):
     assert leftovers == []
 
 
+def _ensure_repository_in_child(args):
+    models, root, name = args
+    os.environ["ORTSERVE_MODELS"] = models
+    return str(zoo.ensure_repository(Path(root), names=(name,)))
+
+
+def test_concurrent_ensure_repository(private_models_dir, tmp_path):
+    # Several test workers fill the default repository at once on a fresh clone: no copy may trip over another's.
+    zoo.ensure("digits_forest")
+    jobs = [(str(private_models_dir), str(tmp_path / "repository"), "digits_forest")] * 8
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        roots = pool.map(_ensure_repository_in_child, jobs)
+    version_dir = tmp_path / "repository" / "digits_forest" / "1"
+    assert set(roots) == {str(tmp_path / "repository")}
+    assert [p.name for p in version_dir.iterdir()] == ["model.onnx"], "a temporary copy was left behind"
+    assert (version_dir / "model.onnx").read_bytes() == zoo.ensure("digits_forest").read_bytes()
+
+
 def test_repository_layout(private_models_dir):
     root = zoo.ensure_repository(names=("digits_forest",))
     assert root == Path(private_models_dir) / "repository"

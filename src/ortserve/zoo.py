@@ -517,9 +517,11 @@ def ensure_repository(root: Path | None = None, names: tuple[str, ...] = DEFAULT
             continue
         source = ensure(name)
         version_dir.mkdir(parents=True, exist_ok=True)
-        tmp = version_dir / ".model.onnx.tmp"
+        # A temporary name of this call's own: several processes may fill the same repository at once.
+        handle, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=version_dir)
+        os.close(handle)
         shutil.copyfile(source, tmp)
-        tmp.replace(version_dir / "model.onnx")
+        Path(tmp).replace(version_dir / "model.onnx")
     return root
 
 
