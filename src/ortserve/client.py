@@ -200,10 +200,10 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-class InferenceClient:
-    """Blocking client. `address`: HOST:PORT (or any gRPC target), or a list of them to spread calls over
-    round-robin (channel_target). `timeout` (seconds) bounds every call unless a call passes its own. `token` goes
-    with every call as `authorization: Bearer <token>`; `tls` (ClientTls) makes the channel a TLS one."""
+class _ClientBase:
+    """What both clients set up: the channel (plain or grpc.aio, by `aio`), stubs, call metadata, metadata cache."""
+
+    aio = False
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
@@ -211,10 +211,16 @@ class InferenceClient:
         self.address = address if isinstance(address, str) else ",".join(address)
         self.timeout = timeout
         self._auth = bearer_metadata(token) if token is not None else None
-        self.channel = open_channel(address, max_message_bytes, tls)
+        self.channel = open_channel(address, max_message_bytes, tls, aio=self.aio)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self._metadata: dict[tuple[str, str], ModelMetadata] = {}
+
+
+class InferenceClient(_ClientBase):
+    """Blocking client. `address`: HOST:PORT (or any gRPC target), or a list of them to spread calls over
+    round-robin (channel_target). `timeout` (seconds) bounds every call unless a call passes its own. `token` goes
+    with every call as `authorization: Bearer <token>`; `tls` (ClientTls) makes the channel a TLS one."""
 
     def _call(self, method, request, timeout: float | None):
         try:
@@ -267,19 +273,10 @@ class InferenceClient:
         self.close()
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(_ClientBase):
     """The asyncio flavour of InferenceClient (grpc.aio): the same methods, awaited."""
 
-    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, timeout: float | None = DEFAULT_TIMEOUT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, token: str | None = None,
-                 tls: ClientTls | None = None) -> None:  # fmt: skip
-        self.address = address if isinstance(address, str) else ",".join(address)
-        self.timeout = timeout
-        self._auth = bearer_metadata(token) if token is not None else None
-        self.channel = open_channel(address, max_message_bytes, tls, aio=True)
-        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
-        self._metadata: dict[tuple[str, str], ModelMetadata] = {}
+    aio = True
 
     async def _call(self, method, request, timeout: float | None):
         try:
