@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from ortserve.client import AsyncInferenceClient
-from ortserve.server import cli
+from ortserve.server import cli, runtime
 from ortserve.server.app import BackgroundServer, ServerOptions
 from ortserve.server.batching import Batcher, BatchingDefaults, batchable, runner_for
 from ortserve.server.errors import ModelRunError, RepositoryError
 from ortserve.server.repository import ModelConfig, Repository, discover
+from ortserve.server.runtime import LONE_SESSION_MIN_RUN, LoneSessions, SessionSettings
 
 # --------------------------------------------------------------------------------------------------
 # A scripted session
@@ -57,8 +58,8 @@ class FakeSession:
         return [values[n] for n in names]
 
 
-def make_batcher(session=None, max_batch_size=64, delay_us=50_000, max_runs=1) -> Batcher:
-    return Batcher(session or FakeSession(), None, "fake", max_batch_size, delay_us, max_runs)
+def make_batcher(session=None, max_batch_size=64, delay_us=50_000, max_runs=1, lone_session=None) -> Batcher:
+    return Batcher(session or FakeSession(), None, "fake", max_batch_size, delay_us, max_runs, lone_session)
 
 
 def rows(n: int, k: int = 3, start: float = 0.0) -> np.ndarray:
@@ -152,6 +153,98 @@ def test_outputs_that_are_not_row_wise_turn_batching_off_and_every_answer_stays_
     assert batcher.row_wise is False
     asyncio.run(call_all(batcher, [(x, None) for x in inputs]))
     assert [len(x) for x, _ in session.runs] == [2, 1, 1, 1, 1]  # joined once, then never again
+
+
+# --------------------------------------------------------------------------------------------------
+# The lone session: a request that finds its model idle, once such runs are slow enough to gain from more threads
+
+
+def test_lone_sessions_follow_the_running_average_of_lone_runs():
+    shared, lone = object(), object()
+    choice = LoneSessions(shared, lone)
+    assert choice.pick() is shared  # nothing known yet: the first lone runs show what a run costs
+    for _ in range(10):
+        choice.ran(10 * LONE_SESSION_MIN_RUN)
+    assert choice.pick() is lone
+    for _ in range(30):
+        choice.ran(LONE_SESSION_MIN_RUN / 100)  # runs got short (a tiny model, or the lone session is fast)
+    assert choice.pick() is shared
+    without = LoneSessions(shared)
+    for _ in range(10):
+        without.ran(1.0)
+    assert without.pick() is shared  # no lone session: always the shared one
+
+
+def test_a_lone_request_runs_on_the_lone_session_once_lone_runs_are_slow_and_joined_runs_never_do():
+    shared, lone = FakeSession(), FakeSession()
+    batcher = make_batcher(shared, lone_session=lone)
+
+    async def main():
+        first = await batcher({"x": rows(1)}, None)  # average 0: the shared session, which times it
+        batcher.lone.average_run = 10 * LONE_SESSION_MIN_RUN  # as if lone runs took 10 ms
+        second = await batcher({"x": rows(1, 3, 10)}, None)
+        joined = await call_all(batcher, [(rows(1, 3, 100 + 10 * i), None) for i in range(5)])
+        return first, second, joined
+
+    first, second, joined = asyncio.run(main())
+    check_answer(first, rows(1))
+    check_answer(second, rows(1, 3, 10))
+    for i, answer in enumerate(joined):
+        check_answer(answer, rows(1, 3, 100 + 10 * i))
+    assert [len(x) for x, _ in shared.runs] == [1, 5]  # the first lone request, then the five joined
+    assert [len(x) for x, _ in lone.runs] == [1]  # the second lone request
+
+
+def test_the_thread_plan_adds_a_spinning_lone_session_only_where_it_has_more_threads():
+    cores = os.cpu_count() or 2
+    plan = ServerOptions(workers=cores).thread_plan()
+    assert plan.session == SessionSettings(intra_op_threads=1, inter_op_threads=1, spinning=False)
+    if cores > 1:
+        assert plan.lone == SessionSettings(intra_op_threads=cores, inter_op_threads=1, spinning=True)
+    assert ServerOptions(workers=1).thread_plan().lone is None  # its one session already has every core
+    assert ServerOptions(lone_request_threads=0).thread_plan().lone is None
+    assert ServerOptions(workers=cores, lone_request_threads=cores + 2).thread_plan().lone.intra_op_threads == cores + 2
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a lone session needs more threads than the shared one")
+def test_a_server_answers_lone_requests_on_the_lone_session_like_onnx_runtime(repository, ort_session, monkeypatch):
+    monkeypatch.setattr(runtime, "LONE_SESSION_MIN_RUN", 0.0)  # every lone request goes to the lone session
+    reference = ort_session(repository / "digits_cnn" / "1" / "model.onnx")
+    rng = np.random.default_rng(5)
+    singles = [rng.random((1, 1, 8, 8), dtype=np.float32) for _ in range(12)]
+    crowd = [rng.random((1, 1, 8, 8), dtype=np.float32) for _ in range(48)]
+    with BackgroundServer(repository, ServerOptions(port=0, max_queue_delay_us=20_000)) as server:
+        model = server.server.repository.get("digits_cnn")
+        assert model.lone_session is not None
+        lone_runs = []
+        run_lone = model.lone_session.run
+        model.lone_session.run = lambda names, feeds: lone_runs.append(len(feeds["input"])) or run_lone(names, feeds)
+
+        async def main():
+            async with AsyncInferenceClient(server.address, timeout=60) as client:
+                alone = [await client.infer("digits_cnn", {"input": x}) for x in singles]  # one at a time
+                together = await asyncio.gather(*(client.infer("digits_cnn", {"input": x}) for x in crowd))
+                return alone, together
+
+        alone, together = asyncio.run(main())
+        runs = model.runner.runs
+    for x, answer in zip(singles + crowd, alone + together):
+        np.testing.assert_allclose(answer["logits"], reference.run(["logits"], {"input": x})[0], rtol=1e-6, atol=1e-6)
+    assert lone_runs[: len(singles)] == [1] * len(singles)  # each lone caller ran on the lone session
+    assert runs < len(singles) + len(crowd)  # the crowd was joined into batches, which the lone session never runs
+    assert sum(lone_runs) < len(singles) + len(crowd)
+
+
+def test_thread_and_batching_flags_take_counts_and_refuse_negative_ones(capsys):
+    options = cli.options_from(cli.build_parser().parse_args(["--lone_request_threads", "0", "--workers", "3"]))
+    assert (options.lone_request_threads, options.workers) == (0, 3)
+    for flag in ("--workers", "--num_threads", "--lone_request_threads", "--max_batch_size", "--max_queue_delay_us"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([flag, "-1"])
+        assert f"argument {flag}: expected 0 or more, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--workers", "two"])
+    assert "expected a whole number (0 or more), got 'two'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,8 +382,8 @@ def test_batching_is_off_with_max_batch_size_0_and_a_config_cannot_force_it_on_a
 def test_serve_flags_set_the_batching_defaults():
     options = cli.options_from(cli.build_parser().parse_args(["--max_batch_size", "0", "--max_queue_delay_us", "7"]))
     assert (options.max_batch_size, options.max_queue_delay_us) == (0, 7)
-    workers, session = ServerOptions(workers=2).thread_plan()
-    assert workers == 2 and session.intra_op_threads * workers <= max(2, os.cpu_count())
+    plan = ServerOptions(workers=2).thread_plan()
+    assert plan.workers == 2 and plan.session.intra_op_threads * plan.workers <= max(2, os.cpu_count())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from ortserve.server.repository import ModelConfig, Repository, discover
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = ["--model_path", "--model_repository", "--address", "--grpc_port", "--http_port", "--log_level",
-         "--num_threads", "--inter_op_threads", "--workers", "--max_batch_size", "--max_queue_delay_us",
+         "--num_threads", "--inter_op_threads", "--workers", "--lone_request_threads", "--max_batch_size",
+         "--max_queue_delay_us",
          "--max_message_mb", "--grace_period", "--tls_cert", "--tls_key", "--tls_client_ca",
          "--auth_token_file", "--metrics_port", "--request_log", "--replicas"]  # fmt: skip
 

@@ -77,6 +77,7 @@ class ServerOptions:
     grace_period: float = DEFAULT_GRACE_PERIOD  # seconds in-flight calls get to finish at shutdown
     session: SessionSettings = field(default_factory=SessionSettings)  # ONNX Runtime threads, unless a model says
     workers: int | None = None  # session runs in flight at once, each in its own thread (default: one per core)
+    lone_request_threads: int | None = None  # threads of a lone request's session (None: every core; 0: no such session)
     max_batch_size: int = BatchingDefaults.max_batch_size  # batching defaults for models whose config says nothing
     max_queue_delay_us: int = BatchingDefaults.max_queue_delay_us
     http_port: int | None = None  # None: no REST endpoint; 0: any free port (InferenceServer.http_port tells which)
@@ -85,24 +86,39 @@ class ServerOptions:
     tls: TlsSettings | None = None  # None: plaintext; see ortserve.server.security
     auth: TokenAuthority | None = None  # None: no token needed; else every call but health checks needs one
 
-    def thread_plan(self) -> tuple[int, SessionSettings]:
-        """(worker threads, session settings), chosen so that concurrent runs never oversubscribe the cores.
+    def thread_plan(self) -> "ThreadPlan":
+        """Worker threads and session settings, chosen so that runs sharing the cores never oversubscribe them.
 
         Each worker thread runs one session.run at a time, and a run uses its session's intra-op threads (the
-        calling thread among them), so the server asks for at most workers x intra-op threads. Unless told
-        otherwise: one worker per core and one intra-op and one inter-op thread per session, so a busy server
+        calling thread among them), so the runs that overlap ask for at most workers x intra-op threads. Unless
+        told otherwise: one worker per core and one intra-op and one inter-op thread per session, so a busy server
         has exactly one running thread per core, none waiting for a core and none spinning. Measured on 2 cores
         (resnet18, 8 callers): two one-thread runs side by side beat one two-thread run by about 20%, and a
         row's answer does not depend on the batch it ran in (several intra-op threads make some operators,
-        such as tree ensembles, sum in a different order). The price: a lone request gets one core, so a big
-        model answers one caller more slowly than in-process ONNX Runtime on every core (give such a model
-        intra_op_threads in its config.json, or run --workers 1).
+        such as tree ensembles, sum in a different order).
+
+        A request that finds its model idle has the cores to itself, and one thread would give a big model one
+        core of two: measured, resnet18 alone answered at 0.44x in-process ONNX Runtime's speed. So each model
+        also gets a lone session (`lone`): ONNX Runtime's defaults, every core, threads that spin between the
+        parallel parts of a run (without spinning, 0.78x) but stop at its end. Its cost is the memory of a second
+        session; `lone_request_threads=0`, or sessions that already have every core, go without it.
         """
         cores = os.cpu_count() or 2
         workers = self.workers or cores
         intra = self.session.intra_op_threads or max(1, cores // workers)
         inter = self.session.inter_op_threads or 1
-        return workers, SessionSettings(intra_op_threads=intra, inter_op_threads=inter)
+        lone_threads = cores if self.lone_request_threads is None else self.lone_request_threads
+        lone = SessionSettings(lone_threads, inter, spinning=True) if lone_threads > intra else None
+        return ThreadPlan(workers, SessionSettings(intra_op_threads=intra, inter_op_threads=inter), lone)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """What ServerOptions.thread_plan chose (see there)."""
+
+    workers: int  # worker threads: runs in flight at once
+    session: SessionSettings  # the sessions of batches and overlapping runs
+    lone: SessionSettings | None  # the session of a request that finds its model idle; None: it uses `session`
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -146,10 +162,10 @@ class InferenceServer:
     @classmethod
     def from_location(cls, location: Path | str, options: ServerOptions = ServerOptions()) -> "InferenceServer":
         """Load the repository at `location` (directory, model_config_list JSON or .onnx) with one worker pool."""
-        workers, session = options.thread_plan()
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ort")
-        batching = BatchingDefaults(options.max_batch_size, options.max_queue_delay_us, max_runs=workers)
-        repository = Repository.load(discover(location), session, executor, batching)
+        plan = options.thread_plan()
+        executor = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="ort")
+        batching = BatchingDefaults(options.max_batch_size, options.max_queue_delay_us, max_runs=plan.workers)
+        repository = Repository.load(discover(location), plan.session, executor, batching, plan.lone)
         return cls(repository, options, executor)
 
     @property

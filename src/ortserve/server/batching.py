@@ -9,7 +9,8 @@ arrived in the same turn always go together):
 
 - If the model has no run in flight and the last run held a single request, the request runs at once, with
   whatever is queued. A lone caller therefore never waits for company that is not coming: its latency is that of
-  an unbatched server (plus one hop to a worker thread).
+  an unbatched server (plus one hop to a worker thread). A request that runs alone on an idle model may run on the
+  model's lone session (every core, as in-process ONNX Runtime; see ortserve.server.runtime.LoneSessions).
 - While a run is in flight, requests collect in the queue ("batch whatever arrives during the previous run").
 - Once a run has joined several requests, the callers are concurrent, and most of them come straight back for
   more: so when a run ends, the next one waits until as many rows are queued as were queued plus answered at
@@ -42,7 +43,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ortserve.server.runtime import Feeds, RunObserver, RunTiming, SessionRunner, TensorSpec, run_session
+from ortserve.server.runtime import (Feeds, LoneSessions, RunObserver, RunTiming, SessionRunner, TensorSpec,
+                                    run_session)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def runner_for(model, defaults: BatchingDefaults, executor: Executor | None) -> 
     if size == 0 or not can:
         return None
     delay = defaults.max_queue_delay_us if delay is None else delay
-    return Batcher(model.session, executor, model.label, size, delay, defaults.max_runs)
+    return Batcher(model.session, executor, model.label, size, delay, defaults.max_runs, model.lone_session)
 
 
 def batchable(inputs: Mapping[str, TensorSpec], outputs: Mapping[str, TensorSpec]) -> bool:
@@ -101,16 +103,18 @@ class _Request:
 class _Batch:
     members: list[_Request] = field(default_factory=list)
     rows: int = 0
+    lone: bool = False  # one request, started while no other run of the model was in flight
 
 
 class Batcher:
     """Dynamic batching runner for one model version (see the module docstring)."""
 
     def __init__(self, session, executor: Executor | None, label: str, max_batch_size: int,
-                 max_queue_delay_us: int, max_runs: int = 2) -> None:  # fmt: skip
+                 max_queue_delay_us: int, max_runs: int = 2, lone_session=None) -> None:  # fmt: skip
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.session = session
+        self.lone = LoneSessions(session, lone_session)  # the session of a request that runs alone on an idle model
         self.label = label
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_us / 1e6
@@ -186,6 +190,7 @@ class Batcher:
         """Start one run with the oldest queued request and every queued one that fits with it."""
         batch = self._take()
         if batch.members:
+            batch.lone = len(batch.members) == 1 and self.in_flight == 0
             self.in_flight += 1
             self.runs += 1
             # Requests that ran together mean concurrent callers: until a run goes alone, wait for company.
@@ -247,7 +252,7 @@ class Batcher:
     def _work(self, batch: _Batch, loop) -> None:
         members = batch.members
         if len(members) == 1:
-            answers = [self._attempt(members[0])]
+            answers = [self._attempt(members[0], batch.lone)]
         else:
             answers = self._run_joined(batch)
         try:
@@ -281,17 +286,21 @@ class Batcher:
             start = stop
         return answers
 
-    def _attempt(self, member: _Request) -> tuple[Feeds | None, BaseException | None]:
+    def _attempt(self, member: _Request, lone: bool = False) -> tuple[Feeds | None, BaseException | None]:
+        session = self.lone.pick() if lone else self.session
         started = time.monotonic()
         try:
-            return run_session(self.session, member.feeds, member.output_names or self.all_outputs, self.label), None
+            return run_session(session, member.feeds, member.output_names or self.all_outputs, self.label), None
         except Exception as error:
             return None, error
         finally:
-            self._ran([member], member.rows, started)
+            seconds = self._ran([member], member.rows, started)
+            if lone:
+                self.lone.ran(seconds)
 
-    def _ran(self, members: list[_Request], rows: int, started: float) -> None:
-        """Note a session.run of `rows` rows for `members`, begun at `started`: their timings, the run observer."""
+    def _ran(self, members: list[_Request], rows: int, started: float) -> float:
+        """Note a session.run of `rows` rows for `members`, begun at `started`: their timings, the run observer.
+        Returns the run's duration in seconds."""
         seconds = time.monotonic() - started
         for member in members:
             if member.timing is not None:
@@ -300,6 +309,7 @@ class Batcher:
         observer = self._run_alone.observe_run
         if observer is not None:
             observer(rows, seconds)
+        return seconds
 
     def _complete(self, batch: _Batch, answers, loop) -> None:
         for member, (result, error) in zip(batch.members, answers):

@@ -82,6 +82,17 @@ LOG_LEVELS = {
 }
 
 
+def count(text: str) -> int:
+    """argparse type of the thread and batching flags: a whole number, 0 or more (0 means the default or off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ortserve serve",
@@ -108,22 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
                              "off)")  # fmt: skip
     parser.add_argument("--log_level", choices=list(LOG_LEVELS), default="info",
                         help="logging verbosity, as the old server named it (default: %(default)s)")
-    parser.add_argument("--num_threads", type=int, default=None, metavar="N",
+    parser.add_argument("--num_threads", type=count, default=None, metavar="N",
                         help="ONNX Runtime intra-op threads per session (default: cores / workers, so that the "
                              "runs in flight at once never use more threads than there are cores); a model's "
                              "config.json intra_op_threads wins")  # fmt: skip
-    parser.add_argument("--inter_op_threads", type=int, default=None, metavar="N",
+    parser.add_argument("--inter_op_threads", type=count, default=None, metavar="N",
                         help="ONNX Runtime inter-op threads per session (default: 1)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=count, default=None, metavar="N",
                         help="session runs in flight at once, each in its own thread (default: one per core; with "
                              "the default --num_threads, workers x intra-op threads = cores: the busy server runs "
                              "one thread per core, none waiting for a core)")
-    parser.add_argument("--max_batch_size", type=int, default=BatchingDefaults.max_batch_size, metavar="N",
+    parser.add_argument("--lone_request_threads", type=count, default=None, metavar="N",
+                        help="a request that finds its model idle runs on a second session of the model with N "
+                             "intra-op threads that spin when idle, as in-process ONNX Runtime (default: one per "
+                             "core; 0: no second session, such requests run like the others)")  # fmt: skip
+    parser.add_argument("--max_batch_size", type=count, default=BatchingDefaults.max_batch_size, metavar="N",
                         help="dynamic batching: join concurrent requests to a model into runs of up to N rows "
                              "(default: %(default)s); applies to models whose inputs and outputs all have a "
                              "variable first axis and whose config.json sets no max_batch_size; 0 turns batching "
                              "off")  # fmt: skip
-    parser.add_argument("--max_queue_delay_us", type=int, default=BatchingDefaults.max_queue_delay_us,
+    parser.add_argument("--max_queue_delay_us", type=count, default=BatchingDefaults.max_queue_delay_us,
                         metavar="US", help="dynamic batching: longest a request waits in the queue for company "
                         "before it starts a run (given a free worker), in microseconds (default: %(default)s); a "
                         "request finding its model idle and no sign of concurrent callers never waits")  # fmt: skip
@@ -179,6 +194,7 @@ def options_from(args: argparse.Namespace) -> ServerOptions:
         grace_period=args.grace_period,
         session=SessionSettings(intra_op_threads=args.num_threads, inter_op_threads=args.inter_op_threads),
         workers=args.workers,
+        lone_request_threads=args.lone_request_threads,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         http_port=args.http_port if args.http_port >= 0 else None,

@@ -188,15 +188,22 @@ class Repository:
     @classmethod
     def load(cls, sources: list[ModelSource], settings: SessionSettings = SessionSettings(),
              executor: Executor | None = None, batching: BatchingDefaults = BatchingDefaults(max_batch_size=0),
-             ) -> "Repository":  # fmt: skip
+             lone: SessionSettings | None = None) -> "Repository":  # fmt: skip
         """Open an ONNX Runtime session for every source (RepositoryError if one cannot be served).
 
-        `batching` gives the defaults for models whose config says nothing; by default here, no batching.
+        `batching` gives the defaults for models whose config says nothing; by default here, no batching. With
+        `lone`, a model whose sessions have fewer threads also gets a lone session with these settings (see
+        ortserve.server.runtime.SessionRunner).
         """
         models = []
         for source in sources:
-            session = load_session(source.path, source.config.session_settings(settings))
-            model = Model(source.name, source.version, source.path, session, source.config, executor=executor)
+            model_settings = source.config.session_settings(settings)
+            session = load_session(source.path, model_settings)
+            lone_session = None
+            if lone is not None and lone.threads() > model_settings.threads():
+                lone_session = load_session(source.path, lone)
+            model = Model(source.name, source.version, source.path, session, source.config, executor=executor,
+                          lone_session=lone_session)  # fmt: skip
             batcher = runner_for(model, batching, executor)
             if batcher is not None:
                 model.runner = batcher
