@@ -95,21 +95,34 @@ def test_bench_command_reports_every_server_and_ratio(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     args = ["bench", "--model", "digits_cnn", "--concurrency", "1,2", "--seconds", "0.2", "--warmup", "0.1",
-            "--json", str(out)]  # fmt: skip
+            "--rounds", "3", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     report = json.loads(out.read_text())
     assert report["in_process"]["throughput"] > 0 and report["in_process"]["batch"] == 1
-    for kind in ("served", "baseline", "echo"):
+    assert report["rounds"] == 3
+    for kind in ("served", "baseline", "protocol", "echo"):
         assert [r["concurrency"] for r in report["servers"][kind]] == [1, 2], kind
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["servers"][kind]), kind
+        for point in report["servers"][kind]:  # the median of three rounds, each of which measured the point
+            rounds = sorted(point["throughput_rounds"])
+            assert len(rounds) == 3 and point["throughput"] == rounds[1], kind
     assert [r["concurrency"] for r in report["ratios"]] == [1, 2]
     for ratio in report["ratios"]:
-        assert {"served/echo", "served/baseline", "served/in_process", "p50_ms_served-baseline"} <= set(ratio)
+        assert {"served/echo", "served/protocol", "protocol/echo", "served/baseline", "served/in_process",
+                "p50_ms_served-baseline"} <= set(ratio)  # fmt: skip
         assert all(np.isfinite(v) for v in ratio.values())
     printed = capsys.readouterr().out
-    for label in ("in-process ONNX Runtime", "served", "baseline", "echo", "served/echo", "served/baseline",
-                  "served/in-process"):  # fmt: skip
+    for label in ("in-process ONNX Runtime", "served", "baseline", "protocol", "echo", "served/echo", "served/protocol",
+                  "protocol/echo", "served/baseline", "served/in-process", "median of 3 interleaved rounds"):  # fmt: skip
         assert label in printed
+
+
+def test_bench_command_refuses_zero_rounds(capsys):
+    from ortserve.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--rounds", "0"])
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,3 +264,26 @@ def test_http_load_spreads_calls_over_addresses():
         result = bench.run_load([a.address, b.address], request, concurrency=2, seconds=0.3, warmup_seconds=0.0)
     assert result.errors == 0 and result.requests > 0
     assert a.calls > 0 and b.calls > 0 and abs(a.calls - b.calls) <= 2  # taken in turn
+
+
+def test_the_protocol_ceiling_answers_each_request_with_its_own_id_and_the_fixed_outputs(tmp_path):
+    import grpc
+
+    from ortserve._proto import grpc_service_pb2 as pb
+    from ortserve.yardsticks import YardstickProcess
+
+    reply = pb.ModelInferResponse(model_name="digits_cnn", model_version="1", id="from the reply file")
+    reply.outputs.add(name="logits", datatype="FP32", shape=[1, 2])
+    reply.raw_output_contents.append(np.array([[1.5, -2.0]], dtype=np.float32).tobytes())
+    (tmp_path / "reply.bin").write_bytes(reply.SerializeToString())
+    with YardstickProcess(["protocol", "--reply", str(tmp_path / "reply.bin")]) as ceiling:
+        with grpc.insecure_channel(ceiling.address) as channel:
+            call = channel.unary_unary(bench.MODEL_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                       response_deserializer=pb.ModelInferResponse.FromString)  # fmt: skip
+            answers = [call(pb.ModelInferRequest(model_name="digits_cnn", id=f"call {i}"), timeout=30) for i in range(3)]
+            with pytest.raises(grpc.RpcError):  # it parses: bytes that are not a ModelInferRequest fail
+                channel.unary_unary(bench.MODEL_INFER)(b"\xff\xff\xff", timeout=30)
+    assert [a.id for a in answers] == ["call 0", "call 1", "call 2"]
+    for answer in answers:
+        assert (answer.model_name, list(answer.outputs[0].shape)) == ("digits_cnn", [1, 2])
+        assert answer.raw_output_contents == reply.raw_output_contents

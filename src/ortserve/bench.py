@@ -20,9 +20,11 @@ server can use. The same generator drives every server that is compared, so the 
 `LoadGenerator` runs it in separate processes (the callers split among them), so that it never competes with the
 measuring process itself for the GIL.
 
-`python -m ortserve bench` (see `main`) puts it together: one model served by this server, by a baseline server
-and by an echo ceiling (ortserve.yardsticks), each in its own process, driven by the same load generator at each
-concurrency, beside the model's in-process ONNX Runtime throughput at the same batch size, all in one run.
+`python -m ortserve bench` (see `main`) puts it together: one model served by this server, by a baseline server,
+a protocol ceiling and an echo ceiling (ortserve.yardsticks), each in its own process, driven by the same load generator at each
+concurrency, beside the model's in-process ONNX Runtime throughput at the same batch size, all in one run. The
+points are measured in interleaved rounds (each round visits every server at every concurrency) and each reports
+its median round: on a shared VM whose speed drifts, a ratio of two numbers taken minutes apart means little.
 """
 
 from __future__ import annotations
@@ -339,7 +341,7 @@ def run_load(
 # python -m ortserve bench
 
 DEFAULT_CONCURRENCIES = (1, 8, 32)
-SERVERS = ("served", "baseline", "echo")
+SERVERS = ("served", "baseline", "protocol", "echo")  # started in this order: served first (see run_bench)
 
 
 def example_request(model_path: Path, name: str, rows: int, seed: int = 0):
@@ -377,22 +379,32 @@ def _servers(model_path: Path, name: str, repository: Path, reply_file: Path, se
         "served": lambda: ServerProcess(["--grpc_port", "0", "--model_repository", str(repository),
                                          "--log_level", "warning", *serve_args]),
         "baseline": lambda: YardstickProcess(["baseline", "--model_path", str(model_path), "--name", name]),
+        "protocol": lambda: YardstickProcess(["protocol", "--reply", str(reply_file)]),
         "echo": lambda: YardstickProcess(["echo", "--reply", str(reply_file)]),
     }  # fmt: skip
 
 
 def run_bench(model: str, concurrencies: Sequence[int], seconds: float, warmup_seconds: float, rows: int = 1,
-              processes: int = 1, serve_args: Sequence[str] = (), progress=print) -> dict:  # fmt: skip
-    """Measure (see the module docstring); returns the report `main` prints and saves."""
+              processes: int = 1, serve_args: Sequence[str] = (), progress=print, rounds: int = 1) -> dict:  # fmt: skip
+    """Measure (see the module docstring); returns the report `main` prints and saves.
+
+    The three servers run side by side, and each round measures every concurrency on each of them in turn, so that a
+    slow spell of the machine (a shared 2-core VM drifts by 20% and more within a minute) falls on all three alike;
+    each point reports its median round (by throughput) and every round's throughput.
+    """
+    import contextlib
+
     import grpc
 
     from ortserve import zoo
 
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     model_path = zoo.ensure(model)
     request, inputs = example_request(model_path, model, rows)
     payload = request.SerializeToString()
     report: dict = {"model": model, "rows_per_request": rows, "seconds": seconds, "warmup_seconds": warmup_seconds,
-                    "load_processes": processes, "serve_args": list(serve_args)}  # fmt: skip
+                    "rounds": rounds, "load_processes": processes, "serve_args": list(serve_args)}  # fmt: skip
     progress(f"in-process ONNX Runtime, batch {rows} ...")
     report["in_process"] = in_process_throughput(model_path, inputs, max(seconds, 0.2))
     workdir = Path(tempfile.mkdtemp(prefix="ortserve-bench-"))
@@ -401,35 +413,50 @@ def run_bench(model: str, concurrencies: Sequence[int], seconds: float, warmup_s
         shutil.copyfile(model_path, workdir / "repository" / model / "1" / "model.onnx")
         reply_file = workdir / "reply.bin"
         starters = _servers(model_path, model, workdir / "repository", reply_file, serve_args)
-        report["servers"] = {}
-        with LoadGenerator(processes) as load:
-            for kind in SERVERS:
-                with starters[kind]() as server:
-                    if kind == "served":  # the echo ceiling answers with the served model's real reply
-                        options = [("grpc.max_receive_message_length", -1)]
-                        with grpc.insecure_channel(server.address, options=options) as channel:
-                            reply_file.write_bytes(channel.unary_unary(MODEL_INFER)(payload, timeout=60))
-                    results = []
-                    for concurrency in concurrencies:
-                        progress(f"{kind}, {concurrency} concurrent caller(s) ...")
-                        results.append(load.run(server.addresses, payload, concurrency, seconds, warmup_seconds))
-                    report["servers"][kind] = [r.as_dict() for r in results]
+        measured: dict[tuple[str, int], list[LoadResult]] = {}
+        with contextlib.ExitStack() as stack, LoadGenerator(processes) as load:
+            servers = {}
+            for kind in SERVERS:  # served first: the ceilings answer with the served model's real reply
+                servers[kind] = stack.enter_context(starters[kind]())
+                if kind == "served":
+                    options = [("grpc.max_receive_message_length", -1)]
+                    with grpc.insecure_channel(servers[kind].address, options=options) as channel:
+                        reply_file.write_bytes(channel.unary_unary(MODEL_INFER)(payload, timeout=60))
+            for round_number in range(1, rounds + 1):
+                for concurrency in concurrencies:
+                    for kind in SERVERS:
+                        of = f" (round {round_number} of {rounds})" if rounds > 1 else ""
+                        progress(f"{kind}, {concurrency} concurrent caller(s){of} ...")
+                        result = load.run(servers[kind].addresses, payload, concurrency, seconds, warmup_seconds)
+                        measured.setdefault((kind, concurrency), []).append(result)
+        report["servers"] = {kind: [_median_round(measured[kind, c]) for c in concurrencies] for kind in SERVERS}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["ratios"] = ratios(report)
     return report
 
 
+def _median_round(results: list[LoadResult]) -> dict:
+    """The round of median throughput (the lower middle one of an even count), with every round's throughput."""
+    ordered = sorted(results, key=lambda r: r.throughput)
+    median = ordered[(len(ordered) - 1) // 2].as_dict()
+    median["throughput_rounds"] = [r.throughput for r in results]
+    return median
+
+
 def ratios(report: dict) -> list[dict]:
-    """Per concurrency: served/echo, served/baseline (throughput) and served/in-process (rows per second)."""
+    """Per concurrency: served/echo, served/protocol, protocol/echo, served/baseline (throughput) and
+    served/in-process (rows per second)."""
     servers = report["servers"]
     in_process = report["in_process"]["throughput"]
     rows = report["rows_per_request"]
     out = []
-    for served, baseline, echo in zip(servers["served"], servers["baseline"], servers["echo"]):
+    for served, baseline, protocol, echo in zip(*(servers[kind] for kind in SERVERS)):
         out.append({
             "concurrency": served["concurrency"],
             "served/echo": served["throughput"] / echo["throughput"],
+            "served/protocol": served["throughput"] / protocol["throughput"],
+            "protocol/echo": protocol["throughput"] / echo["throughput"],
             "served/baseline": served["throughput"] / baseline["throughput"],
             "served/in_process": served["throughput"] * rows / in_process,
             "p50_ms_served-baseline": _p50(served) - _p50(baseline),
@@ -443,9 +470,11 @@ def _p50(result: dict) -> float:
 
 def format_report(report: dict) -> str:
     ip = report["in_process"]
+    rounds = report.get("rounds", 1)
     lines = [
         f"model {report['model']}, {report['rows_per_request']} row(s) per request, {report['seconds']:g} s per "
-        f"point after {report['warmup_seconds']:g} s warm-up, load from {report['load_processes']} process(es)",
+        f"point after {report['warmup_seconds']:g} s warm-up, load from {report['load_processes']} process(es)"
+        + (f", median of {rounds} interleaved rounds (req/s range in brackets)" if rounds > 1 else ""),
         f"in-process ONNX Runtime, batch {ip['batch']}: {ip['throughput']:.1f} rows/s "
         f"(p50 {ip['latency']['median_ms']:.3f} ms, p99 {ip['latency']['p99_ms']:.3f} ms)",
         "",
@@ -455,13 +484,16 @@ def format_report(report: dict) -> str:
         for r in report["servers"][kind]:
             lat = r["latency"] or {}
             p50, p90, p99 = (lat.get(key, float("nan")) for key in ("median_ms", "p90_ms", "p99_ms"))
+            spread = r.get("throughput_rounds", [])
+            spread = f"  [{min(spread):.0f}-{max(spread):.0f}]" if len(spread) > 1 else ""
             lines.append(f"{kind:<9} {r['concurrency']:>7} {r['throughput']:>9.1f} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} "
-                         f"{r['errors']:>6}")  # fmt: skip
-    lines += ["", f"{'callers':>7} {'served/echo':>12} {'served/baseline':>16} {'served/in-process':>18} "
-                  f"{'p50 - baseline p50':>19}"]  # fmt: skip
+                         f"{r['errors']:>6}{spread}")  # fmt: skip
+    lines += ["", f"{'callers':>7} {'served/echo':>12} {'served/protocol':>16} {'protocol/echo':>14} "
+                  f"{'served/baseline':>16} {'served/in-process':>18} {'p50 - baseline p50':>19}"]  # fmt: skip
     for r in report["ratios"]:
-        lines.append(f"{r['concurrency']:>7} {r['served/echo']:>12.3f} {r['served/baseline']:>16.3f} "
-                     f"{r['served/in_process']:>18.3f} {r['p50_ms_served-baseline']:>+16.3f} ms")  # fmt: skip
+        lines.append(f"{r['concurrency']:>7} {r['served/echo']:>12.3f} {r['served/protocol']:>16.3f} "
+                     f"{r['protocol/echo']:>14.3f} {r['served/baseline']:>16.3f} {r['served/in_process']:>18.3f} "
+                     f"{r['p50_ms_served-baseline']:>+16.3f} ms")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -469,14 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ortserve bench",
         description="Measure the inference server on one model against a baseline server (thread-pool grpc.server, "
-        "one session.run per request), an echo ceiling (grpc.aio, fixed reply, no work) and in-process ONNX "
-        "Runtime, in one run: closed-loop load at each concurrency, throughput and latency percentiles, ratios.",
+        "one session.run per request), a protocol ceiling (grpc.aio, parses each request, answers a copied reply), "
+        "an echo ceiling (grpc.aio, fixed reply, no work) and in-process ONNX Runtime, in one run: closed-loop "
+        "load at each concurrency, throughput and latency percentiles, ratios.",
     )
     parser.add_argument("--model", default="digits_cnn", help="a model of ortserve.zoo (default: %(default)s)")
     parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCIES)), metavar="N,N,...",
                         help="concurrent callers, comma-separated (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per point (default: %(default)g)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per point (default: %(default)g)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds: each measures every point once on each server; a point reports its "
+                             "median round, so a slow spell of the machine falls on all three servers alike "
+                             "(default: %(default)s)")  # fmt: skip
     parser.add_argument("--rows", type=int, default=1, help="rows (samples) per request (default: %(default)s)")
     parser.add_argument("--load_processes", type=int, default=1, metavar="N",
                         help="processes the load generator runs in, callers split among them (default: %(default)s)")
@@ -487,10 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     report = run_bench(args.model, concurrencies, args.seconds, args.warmup, args.rows, args.load_processes,
-                       args.serve_args.split(), progress=lambda text: print(text, file=sys.stderr, flush=True))
+                       args.serve_args.split(), progress=lambda text: print(text, file=sys.stderr, flush=True),
+                       rounds=args.rounds)  # fmt: skip
     print(format_report(report), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

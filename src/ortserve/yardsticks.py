@@ -1,4 +1,4 @@
-"""Two servers to measure the inference server against, each run in its own process by `python -m ortserve bench`.
+"""Three servers to measure the inference server against, each run in its own process by `python -m ortserve bench`.
 
 - The **baseline**: the server people would write after the gRPC-basics lesson (04) -- a thread-pool
   `grpc.server`, the generated Open Inference Protocol stubs, one `session.run` per request, no batching. It
@@ -6,12 +6,17 @@
 - The **echo ceiling**: a grpc.aio server that answers every ModelInfer with one fixed, pre-serialised reply and
   does no work at all (no parsing, no model). No Python gRPC server can answer faster on the same machine, so
   served/echo says how much of the possible speed the real server reaches.
+- The **protocol ceiling**: the echo plus the least a server must do to speak the protocol -- parse each request
+  into a ModelInferRequest and answer a reply of its own, carrying the request's id (a copy of the model's real
+  answer), serialised per call. No model, no numpy, no thread. It shows how much of the distance between the echo
+  and the real server is the protocol's per-message work, which no Python server that reads its requests avoids.
 
-Both print the serving line of `python -m ortserve serve` (ortserve.server.cli.READY_LINE), so ServerProcess
+All print the serving line of `python -m ortserve serve` (ortserve.server.cli.READY_LINE), so ServerProcess
 starts and finds them:
 
     python -m ortserve.yardsticks baseline --model_path models/digits_cnn/model.onnx --name digits_cnn
     python -m ortserve.yardsticks echo --reply reply.bin          # reply.bin: a serialised ModelInferResponse
+    python -m ortserve.yardsticks protocol --reply reply.bin
 """
 
 from __future__ import annotations
@@ -73,17 +78,13 @@ def serve_baseline(model_path: Path, name: str, port: int, workers: int = BASELI
     server.stop(1).wait()
 
 
-async def _serve_echo(reply: bytes, port: int) -> None:
-    async def model_infer(request: bytes, context) -> bytes:
-        return reply
-
-    # No (de)serialisers: the request stays bytes, the reply is sent as it is.
-    methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)}
+async def _serve_methods(methods: dict, port: int, description: str) -> None:
+    """A grpc.aio server with these ModelInfer-style method handlers, until SIGTERM or SIGINT."""
     handler = grpc.method_handlers_generic_handler(SERVICE, methods)
     server = grpc.aio.server(handlers=[handler], options=MESSAGE_OPTIONS)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(READY_LINE.format(address=f"127.0.0.1:{bound}", models="echo v1 (fixed reply)"), flush=True)
+    print(READY_LINE.format(address=f"127.0.0.1:{bound}", models=description), flush=True)
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -93,7 +94,29 @@ async def _serve_echo(reply: bytes, port: int) -> None:
 
 
 def serve_echo(reply: bytes, port: int) -> None:
-    asyncio.run(_serve_echo(reply, port))
+    async def model_infer(request: bytes, context) -> bytes:
+        return reply
+
+    # No (de)serialisers: the request stays bytes, the reply is sent as it is.
+    methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)}
+    asyncio.run(_serve_methods(methods, port, "echo v1 (fixed reply)"))
+
+
+def serve_protocol(reply: bytes, port: int) -> None:
+    from ortserve._proto import grpc_service_pb2 as pb
+
+    answer = pb.ModelInferResponse.FromString(reply)
+
+    async def model_infer(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse()
+        response.CopyFrom(answer)
+        response.id = request.id
+        return response
+
+    methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(
+        model_infer, request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelInferResponse.SerializeToString)}  # fmt: skip
+    asyncio.run(_serve_methods(methods, port, "protocol v1 (parsed request, copied reply)"))
 
 
 class YardstickProcess(ServerProcess):
@@ -111,14 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline.add_argument("--workers", type=int, default=BASELINE_WORKERS,
                           help="thread pool size (default: %(default)s)")
     echo = kinds.add_parser("echo", help="grpc.aio server answering a fixed reply, doing no work")
-    echo.add_argument("--reply", type=Path, required=True, help="file holding the serialised ModelInferResponse")
-    for sub in (baseline, echo):
+    protocol = kinds.add_parser("protocol", help="grpc.aio server parsing each request and answering a copy of a "
+                                "fixed reply with the request's id")  # fmt: skip
+    for sub in (echo, protocol):
+        sub.add_argument("--reply", type=Path, required=True, help="file holding the serialised ModelInferResponse")
+    for sub in (baseline, echo, protocol):
         sub.add_argument("--grpc_port", type=int, default=0, help="port (default: any free one)")
     args = parser.parse_args(argv)
     if args.kind == "baseline":
         serve_baseline(args.model_path, args.name, args.grpc_port, args.workers)
-    else:
+    elif args.kind == "echo":
         serve_echo(args.reply.read_bytes(), args.grpc_port)
+    else:
+        serve_protocol(args.reply.read_bytes(), args.grpc_port)
     return 0
 
 

@@ -97,17 +97,22 @@ def element_count(shape: Sequence[int], what: str) -> int:
 
 def from_raw(datatype: str, shape: Sequence[int], raw: bytes, what: str) -> np.ndarray:
     """A tensor from its raw bytes. Numeric tensors are a read-only view on `raw` (no copy)."""
-    kind = lookup(datatype)
+    kind = DATATYPES.get(datatype) or lookup(datatype)
+    if kind.name != "BYTES" and min(shape, default=0) >= 0:
+        # On every request's path: numpy checks the sizes itself, and the message is built only when they disagree
+        # (a negative dimension is refused first: reshape would read -1 as "whatever fits").
+        try:
+            return np.frombuffer(raw, dtype=kind.dtype).reshape(shape)
+        except ValueError:
+            pass
     count = element_count(shape, what)
     if kind.name == "BYTES":
         return deserialize_bytes(raw, count, what).reshape(shape)
     expected = count * kind.dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidInput(
-            f"{what}: {datatype} shape {list(shape)} needs {expected} bytes of raw contents "
-            f"({count} elements x {kind.dtype.itemsize}), got {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=kind.dtype).reshape(shape)
+    raise InvalidInput(
+        f"{what}: {datatype} shape {list(shape)} needs {expected} bytes of raw contents "
+        f"({count} elements x {kind.dtype.itemsize}), got {len(raw)}"
+    )
 
 
 def from_contents(datatype: str, shape: Sequence[int], contents: pb.InferTensorContents, what: str) -> np.ndarray:
