@@ -100,7 +100,7 @@ def test_bench_command_reports_every_server_and_ratio(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["in_process"]["throughput"] > 0 and report["in_process"]["batch"] == 1
     assert report["rounds"] == 3
-    for kind in ("served", "baseline", "protocol", "echo"):
+    for kind in ("served", "baseline", "handoff", "protocol", "echo"):
         assert [r["concurrency"] for r in report["servers"][kind]] == [1, 2], kind
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in report["servers"][kind]), kind
         for point in report["servers"][kind]:  # the median of three rounds, each of which measured the point
@@ -108,12 +108,13 @@ def test_bench_command_reports_every_server_and_ratio(tmp_path, capsys):
             assert len(rounds) == 3 and point["throughput"] == rounds[1], kind
     assert [r["concurrency"] for r in report["ratios"]] == [1, 2]
     for ratio in report["ratios"]:
-        assert {"served/echo", "served/protocol", "protocol/echo", "served/baseline", "served/in_process",
-                "p50_ms_served-baseline"} <= set(ratio)  # fmt: skip
+        assert {"served/echo", "protocol/echo", "handoff/echo", "served/handoff", "served/baseline",
+                "served/in_process", "p50_ms_served-baseline"} <= set(ratio)  # fmt: skip
         assert all(np.isfinite(v) for v in ratio.values())
     printed = capsys.readouterr().out
-    for label in ("in-process ONNX Runtime", "served", "baseline", "protocol", "echo", "served/echo", "served/protocol",
-                  "protocol/echo", "served/baseline", "served/in-process", "median of 3 interleaved rounds"):  # fmt: skip
+    for label in ("in-process ONNX Runtime", "served", "baseline", "handoff", "protocol", "echo", "served/echo",
+                  "protocol/echo", "handoff/echo", "served/handoff", "served/baseline", "served/in-process",
+                  "median of 3 interleaved rounds"):  # fmt: skip
         assert label in printed
 
 
@@ -266,7 +267,8 @@ def test_http_load_spreads_calls_over_addresses():
     assert a.calls > 0 and b.calls > 0 and abs(a.calls - b.calls) <= 2  # taken in turn
 
 
-def test_the_protocol_ceiling_answers_each_request_with_its_own_id_and_the_fixed_outputs(tmp_path):
+@pytest.mark.parametrize("kind", ["protocol", "handoff"])
+def test_the_parsing_ceilings_answer_each_request_with_its_own_id_and_the_fixed_outputs(tmp_path, kind):
     import grpc
 
     from ortserve._proto import grpc_service_pb2 as pb
@@ -276,11 +278,13 @@ def test_the_protocol_ceiling_answers_each_request_with_its_own_id_and_the_fixed
     reply.outputs.add(name="logits", datatype="FP32", shape=[1, 2])
     reply.raw_output_contents.append(np.array([[1.5, -2.0]], dtype=np.float32).tobytes())
     (tmp_path / "reply.bin").write_bytes(reply.SerializeToString())
-    with YardstickProcess(["protocol", "--reply", str(tmp_path / "reply.bin")]) as ceiling:
+    with YardstickProcess([kind, "--reply", str(tmp_path / "reply.bin")]) as ceiling:
         with grpc.insecure_channel(ceiling.address) as channel:
             call = channel.unary_unary(bench.MODEL_INFER, request_serializer=pb.ModelInferRequest.SerializeToString,
                                        response_deserializer=pb.ModelInferResponse.FromString)  # fmt: skip
-            answers = [call(pb.ModelInferRequest(model_name="digits_cnn", id=f"call {i}"), timeout=30) for i in range(3)]
+            pending = [call.future(pb.ModelInferRequest(model_name="digits_cnn", id=f"call {i}"), timeout=30)
+                       for i in range(3)]  # fmt: skip
+            answers = [p.result() for p in pending]  # concurrent: the hand-off ceiling joins them
             with pytest.raises(grpc.RpcError):  # it parses: bytes that are not a ModelInferRequest fail
                 channel.unary_unary(bench.MODEL_INFER)(b"\xff\xff\xff", timeout=30)
     assert [a.id for a in answers] == ["call 0", "call 1", "call 2"]

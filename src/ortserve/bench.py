@@ -20,8 +20,8 @@ server can use. The same generator drives every server that is compared, so the 
 `LoadGenerator` runs it in separate processes (the callers split among them), so that it never competes with the
 measuring process itself for the GIL.
 
-`python -m ortserve bench` (see `main`) puts it together: one model served by this server, by a baseline server,
-a protocol ceiling and an echo ceiling (ortserve.yardsticks), each in its own process, driven by the same load generator at each
+`python -m ortserve bench` (see `main`) puts it together: one model served by this server, by a baseline server and
+by three ceilings -- echo, protocol, hand-off (ortserve.yardsticks) -- each in its own process, driven by the same load generator at each
 concurrency, beside the model's in-process ONNX Runtime throughput at the same batch size, all in one run. The
 points are measured in interleaved rounds (each round visits every server at every concurrency) and each reports
 its median round: on a shared VM whose speed drifts, a ratio of two numbers taken minutes apart means little.
@@ -341,7 +341,7 @@ def run_load(
 # python -m ortserve bench
 
 DEFAULT_CONCURRENCIES = (1, 8, 32)
-SERVERS = ("served", "baseline", "protocol", "echo")  # started in this order: served first (see run_bench)
+SERVERS = ("served", "baseline", "handoff", "protocol", "echo")  # started in this order: served first (run_bench)
 
 
 def example_request(model_path: Path, name: str, rows: int, seed: int = 0):
@@ -379,6 +379,7 @@ def _servers(model_path: Path, name: str, repository: Path, reply_file: Path, se
         "served": lambda: ServerProcess(["--grpc_port", "0", "--model_repository", str(repository),
                                          "--log_level", "warning", *serve_args]),
         "baseline": lambda: YardstickProcess(["baseline", "--model_path", str(model_path), "--name", name]),
+        "handoff": lambda: YardstickProcess(["handoff", "--reply", str(reply_file)]),
         "protocol": lambda: YardstickProcess(["protocol", "--reply", str(reply_file)]),
         "echo": lambda: YardstickProcess(["echo", "--reply", str(reply_file)]),
     }  # fmt: skip
@@ -445,21 +446,24 @@ def _median_round(results: list[LoadResult]) -> dict:
 
 
 def ratios(report: dict) -> list[dict]:
-    """Per concurrency: served/echo, served/protocol, protocol/echo, served/baseline (throughput) and
-    served/in-process (rows per second)."""
+    """Per concurrency, throughput ratios: served/echo, protocol/echo and handoff/echo (how far below the echo each
+    ceiling sits), served/handoff, served/baseline, and served/in-process in rows per second; and the p50 gap."""
     servers = report["servers"]
     in_process = report["in_process"]["throughput"]
     rows = report["rows_per_request"]
     out = []
-    for served, baseline, protocol, echo in zip(*(servers[kind] for kind in SERVERS)):
+    for point in zip(*(servers[kind] for kind in SERVERS)):
+        by = {kind: result["throughput"] for kind, result in zip(SERVERS, point)}
+        served = point[0]
         out.append({
             "concurrency": served["concurrency"],
-            "served/echo": served["throughput"] / echo["throughput"],
-            "served/protocol": served["throughput"] / protocol["throughput"],
-            "protocol/echo": protocol["throughput"] / echo["throughput"],
-            "served/baseline": served["throughput"] / baseline["throughput"],
-            "served/in_process": served["throughput"] * rows / in_process,
-            "p50_ms_served-baseline": _p50(served) - _p50(baseline),
+            "served/echo": by["served"] / by["echo"],
+            "protocol/echo": by["protocol"] / by["echo"],
+            "handoff/echo": by["handoff"] / by["echo"],
+            "served/handoff": by["served"] / by["handoff"],
+            "served/baseline": by["served"] / by["baseline"],
+            "served/in_process": by["served"] * rows / in_process,
+            "p50_ms_served-baseline": _p50(served) - _p50(point[1]),
         })  # fmt: skip
     return out
 
@@ -488,12 +492,14 @@ def format_report(report: dict) -> str:
             spread = f"  [{min(spread):.0f}-{max(spread):.0f}]" if len(spread) > 1 else ""
             lines.append(f"{kind:<9} {r['concurrency']:>7} {r['throughput']:>9.1f} {p50:>8.3f} {p90:>8.3f} {p99:>8.3f} "
                          f"{r['errors']:>6}{spread}")  # fmt: skip
-    lines += ["", f"{'callers':>7} {'served/echo':>12} {'served/protocol':>16} {'protocol/echo':>14} "
-                  f"{'served/baseline':>16} {'served/in-process':>18} {'p50 - baseline p50':>19}"]  # fmt: skip
+    columns = [("served/echo", "served/echo"), ("protocol/echo", "protocol/echo"), ("handoff/echo", "handoff/echo"),
+               ("served/handoff", "served/handoff"), ("served/baseline", "served/baseline"),
+               ("served/in-process", "served/in_process")]  # fmt: skip
+    lines += ["", f"{'callers':>7} " + " ".join(f"{title:>{len(title) + 1}}" for title, _ in columns)
+              + f" {'p50 - baseline p50':>19}"]  # fmt: skip
     for r in report["ratios"]:
-        lines.append(f"{r['concurrency']:>7} {r['served/echo']:>12.3f} {r['served/protocol']:>16.3f} "
-                     f"{r['protocol/echo']:>14.3f} {r['served/baseline']:>16.3f} {r['served/in_process']:>18.3f} "
-                     f"{r['p50_ms_served-baseline']:>+16.3f} ms")  # fmt: skip
+        lines.append(f"{r['concurrency']:>7} " + " ".join(f"{r[key]:>{len(title) + 1}.3f}" for title, key in columns)
+                     + f" {r['p50_ms_served-baseline']:>+16.3f} ms")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -501,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ortserve bench",
         description="Measure the inference server on one model against a baseline server (thread-pool grpc.server, "
-        "one session.run per request), a protocol ceiling (grpc.aio, parses each request, answers a copied reply), "
-        "an echo ceiling (grpc.aio, fixed reply, no work) and in-process ONNX Runtime, in one run: closed-loop "
-        "load at each concurrency, throughput and latency percentiles, ratios.",
+        "one session.run per request), three ceilings -- echo (grpc.aio, fixed reply, no work), protocol (parses "
+        "each request, answers a copied reply) and hand-off (the protocol ceiling plus a batched hand-off to a "
+        "worker thread that does nothing) -- and in-process ONNX Runtime, in one run: closed-loop load at each "
+        "concurrency, throughput and latency percentiles, ratios.",
     )
     parser.add_argument("--model", default="digits_cnn", help="a model of ortserve.zoo (default: %(default)s)")
     parser.add_argument("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCIES)), metavar="N,N,...",

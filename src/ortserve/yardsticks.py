@@ -1,4 +1,4 @@
-"""Three servers to measure the inference server against, each run in its own process by `python -m ortserve bench`.
+"""Four servers to measure the inference server against, each run in its own process by `python -m ortserve bench`.
 
 - The **baseline**: the server people would write after the gRPC-basics lesson (04) -- a thread-pool
   `grpc.server`, the generated Open Inference Protocol stubs, one `session.run` per request, no batching. It
@@ -10,6 +10,10 @@
   into a ModelInferRequest and answer a reply of its own, carrying the request's id (a copy of the model's real
   answer), serialised per call. No model, no numpy, no thread. It shows how much of the distance between the echo
   and the real server is the protocol's per-message work, which no Python server that reads its requests avoids.
+- The **hand-off ceiling**: the protocol ceiling plus the hand-off the real server makes so that its event loop
+  never blocks on a model: each request waits on a future; the requests that arrive in one loop turn go together
+  to a worker thread, which does nothing but hand them back. The cheapest server that runs its model off the event
+  loop, with perfect batching and a model that costs nothing.
 
 All print the serving line of `python -m ortserve serve` (ortserve.server.cli.READY_LINE), so ServerProcess
 starts and finds them:
@@ -17,6 +21,7 @@ starts and finds them:
     python -m ortserve.yardsticks baseline --model_path models/digits_cnn/model.onnx --name digits_cnn
     python -m ortserve.yardsticks echo --reply reply.bin          # reply.bin: a serialised ModelInferResponse
     python -m ortserve.yardsticks protocol --reply reply.bin
+    python -m ortserve.yardsticks handoff --reply reply.bin
 """
 
 from __future__ import annotations
@@ -102,21 +107,50 @@ def serve_echo(reply: bytes, port: int) -> None:
     asyncio.run(_serve_methods(methods, port, "echo v1 (fixed reply)"))
 
 
-def serve_protocol(reply: bytes, port: int) -> None:
+def _parsing_handler(reply: bytes, handed_off: bool):
+    """ModelInfer for the protocol ceiling (handed_off=False) and the hand-off ceiling (True); see the docstring."""
     from ortserve._proto import grpc_service_pb2 as pb
 
     answer = pb.ModelInferResponse.FromString(reply)
+    worker = ThreadPoolExecutor(1, thread_name_prefix="handoff")
+    waiting: list[asyncio.Future] = []  # requests of this loop turn, not yet handed off
+
+    def hand_off(loop: asyncio.AbstractEventLoop) -> None:
+        turn = waiting[:]
+        waiting.clear()
+        worker.submit(loop.call_soon_threadsafe, _release, turn)
 
     async def model_infer(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        if handed_off:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            waiting.append(future)
+            if len(waiting) == 1:
+                loop.call_soon(hand_off, loop)
+            await future
         response = pb.ModelInferResponse()
         response.CopyFrom(answer)
         response.id = request.id
         return response
 
-    methods = {"ModelInfer": grpc.unary_unary_rpc_method_handler(
-        model_infer, request_deserializer=pb.ModelInferRequest.FromString,
-        response_serializer=pb.ModelInferResponse.SerializeToString)}  # fmt: skip
+    return grpc.unary_unary_rpc_method_handler(model_infer, request_deserializer=pb.ModelInferRequest.FromString,
+                                               response_serializer=pb.ModelInferResponse.SerializeToString)
+
+
+def _release(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():  # the caller may have gone
+            future.set_result(None)
+
+
+def serve_protocol(reply: bytes, port: int) -> None:
+    methods = {"ModelInfer": _parsing_handler(reply, handed_off=False)}
     asyncio.run(_serve_methods(methods, port, "protocol v1 (parsed request, copied reply)"))
+
+
+def serve_handoff(reply: bytes, port: int) -> None:
+    methods = {"ModelInfer": _parsing_handler(reply, handed_off=True)}
+    asyncio.run(_serve_methods(methods, port, "handoff v1 (parsed request, worker-thread hand-off, copied reply)"))
 
 
 class YardstickProcess(ServerProcess):
@@ -136,17 +170,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     echo = kinds.add_parser("echo", help="grpc.aio server answering a fixed reply, doing no work")
     protocol = kinds.add_parser("protocol", help="grpc.aio server parsing each request and answering a copy of a "
                                 "fixed reply with the request's id")  # fmt: skip
-    for sub in (echo, protocol):
+    handoff = kinds.add_parser("handoff", help="the protocol ceiling plus a batched hand-off to a worker thread "
+                               "that does nothing")  # fmt: skip
+    for sub in (echo, protocol, handoff):
         sub.add_argument("--reply", type=Path, required=True, help="file holding the serialised ModelInferResponse")
-    for sub in (baseline, echo, protocol):
+    for sub in (baseline, echo, protocol, handoff):
         sub.add_argument("--grpc_port", type=int, default=0, help="port (default: any free one)")
     args = parser.parse_args(argv)
     if args.kind == "baseline":
         serve_baseline(args.model_path, args.name, args.grpc_port, args.workers)
     elif args.kind == "echo":
         serve_echo(args.reply.read_bytes(), args.grpc_port)
-    else:
+    elif args.kind == "protocol":
         serve_protocol(args.reply.read_bytes(), args.grpc_port)
+    else:
+        serve_handoff(args.reply.read_bytes(), args.grpc_port)
     return 0
 
 
