@@ -323,6 +323,24 @@ def test_after_a_joined_run_the_next_waits_for_its_callers_to_come_back():
     assert [len(x) for x, _ in session.runs] == [2, 2]
 
 
+def test_a_request_after_a_burst_is_over_runs_at_once_instead_of_waiting_for_callers_that_left():
+    session = FakeSession()
+    batcher = make_batcher(session, delay_us=1_500_000)  # 1.5 s: a wait for the departed callers would show
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        await call_all(batcher, [(rows(1, start=10 * i), None) for i in range(4)])  # a burst: one joined run
+        await asyncio.sleep(1.6)  # the burst's callers do not come back
+        started = loop.time()
+        answer = await batcher({"x": rows(1, start=100)}, None)
+        return answer, loop.time() - started
+
+    answer, waited = asyncio.run(main())
+    check_answer(answer, rows(1, start=100))
+    assert [len(x) for x, _ in session.runs] == [4, 1]
+    assert waited < 0.5, f"the lone request waited {waited:.2f} s for callers that had left"
+
+
 def test_the_queue_delay_bounds_the_wait_for_callers_that_do_not_come_back():
     session = FakeSession()
     batcher = make_batcher(session, delay_us=50_000)

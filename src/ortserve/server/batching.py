@@ -14,7 +14,9 @@ arrived in the same turn always go together):
 - While a run is in flight, requests collect in the queue ("batch whatever arrives during the previous run").
 - Once a run has joined several requests, the callers are concurrent, and most of them come straight back for
   more: so when a run ends, the next one waits until as many rows are queued as were queued plus answered at
-  that moment (every caller it knows of is back), or until the batch is full.
+  that moment (every caller it knows of is back), or until the batch is full -- but never past
+  `max_queue_delay_us` after that run ended: callers that have not come back by then are not coming, so a
+  request arriving after a burst is over runs at once.
 - `max_queue_delay_us` bounds every such wait: a request queued that long starts a run as soon as a worker is
   free, even beside a run in flight (up to `max_runs` runs of the model at once). When callers leave, this is
   what turns the waiting off again: the first run that goes alone restores the first rule.
@@ -131,6 +133,7 @@ class Batcher:
         self._decide_soon = False
         self._joining = False  # the last run joined several requests: callers are concurrent
         self._expected_rows = 0  # rows queued plus rows answered when the last run ended
+        self._finished_at = 0.0  # loop.time() when the last run ended
 
     @property
     def observe_run(self) -> RunObserver | None:
@@ -180,7 +183,7 @@ class Batcher:
                 ready = not self._joining or self._queued_rows >= self._expected_rows
             else:
                 ready = False  # a run is in flight: wait for it (it brings company), up to the delay
-            due = now >= self._queue[0].queued_at + self.max_queue_delay
+            due = now >= self._deadline()
             if not (ready or due or self._queued_rows >= self.max_batch_size):
                 break
             self._dispatch(loop)
@@ -204,8 +207,15 @@ class Batcher:
                 self._timer.cancel()
                 self._timer = None
         elif self._timer is None and self.in_flight < self.max_runs:
-            due = self._queue[0].queued_at + self.max_queue_delay
-            self._timer = loop.call_at(due, self._on_timer, loop)
+            self._timer = loop.call_at(self._deadline(), self._on_timer, loop)
+
+    def _deadline(self) -> float:
+        """When the oldest queued request must start: the delay after it queued, or, on an idle model waiting for
+        callers to come back, the delay after the last run ended (whichever is sooner)."""
+        due = self._queue[0].queued_at + self.max_queue_delay
+        if self.in_flight == 0 and self._joining:
+            due = min(due, self._finished_at + self.max_queue_delay)
+        return due
 
     def _take(self) -> _Batch:
         batch = _Batch()
@@ -237,6 +247,7 @@ class Batcher:
         self.in_flight -= 1
         # Closed-loop callers answered now come straight back: the next run waits for them and those queued.
         self._expected_rows = self._queued_rows + batch.rows
+        self._finished_at = loop.time()
         self._decide(loop)
 
     # ----------------------------------------------------------------------------------------------
