@@ -12,8 +12,8 @@ signature -- `await runner(feeds, output_names)` -- that joins requests agreeing
 
 A model may have two sessions on the same file: `session`, on few threads that do not spin, for the runs that
 share the cores (batches, overlapping requests), and `lone_session`, on every core with threads that spin within
-a run, for a request that finds the model idle: ONNX Runtime's own defaults, so a lone caller gets in-process
-speed.
+a run, for a request that finds the model idle: ONNX Runtime's own defaults, so a lone caller of a big model gets
+every core, as in-process ONNX Runtime would give it (see LoneSessions for when it is used).
 
 Runners also say how a request went, for metrics and the request log (ortserve.server.observe): given a
 `RunTiming`, they fill in how long it waited for a run, how long the run took and how many rows the run held;
@@ -391,8 +391,8 @@ class SessionRunner:
 
     With a `lone_session`, a request that finds no other run of the model in flight may run on it instead (see
     LoneSessions): every core, threads that spin within a run, as in-process ONNX Runtime runs by default, so a
-    lone caller of a big model gets in-process speed (the one-thread `session` would give it one core). Requests
-    that overlap run on `session`, side by side, without oversubscribing the cores.
+    lone caller of a big model gets every core (the one-thread `session` would give it one). Requests that
+    overlap run on `session`, side by side, without oversubscribing the cores.
     """
 
     def __init__(self, session, executor: Executor | None, label: str, lone_session=None) -> None:
