@@ -453,17 +453,17 @@ def ratios(report: dict) -> list[dict]:
     rows = report["rows_per_request"]
     out = []
     for point in zip(*(servers[kind] for kind in SERVERS)):
-        by = {kind: result["throughput"] for kind, result in zip(SERVERS, point)}
-        served = point[0]
+        results = dict(zip(SERVERS, point))
+        by = {kind: result["throughput"] for kind, result in results.items()}
         out.append({
-            "concurrency": served["concurrency"],
+            "concurrency": results["served"]["concurrency"],
             "served/echo": by["served"] / by["echo"],
             "protocol/echo": by["protocol"] / by["echo"],
             "handoff/echo": by["handoff"] / by["echo"],
             "served/handoff": by["served"] / by["handoff"],
             "served/baseline": by["served"] / by["baseline"],
             "served/in_process": by["served"] * rows / in_process,
-            "p50_ms_served-baseline": _p50(served) - _p50(point[1]),
+            "p50_ms_served-baseline": _p50(results["served"]) - _p50(results["baseline"]),
         })  # fmt: skip
     return out
 

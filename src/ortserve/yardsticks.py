@@ -112,6 +112,16 @@ def _parsing_handler(reply: bytes, handed_off: bool):
     from ortserve._proto import grpc_service_pb2 as pb
 
     answer = pb.ModelInferResponse.FromString(reply)
+
+    def answer_to(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse()
+        response.CopyFrom(answer)
+        response.id = request.id
+        return response
+
+    async def answer_at_once(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return answer_to(request)
+
     worker = ThreadPoolExecutor(1, thread_name_prefix="handoff")
     waiting: list[asyncio.Future] = []  # requests of this loop turn, not yet handed off
 
@@ -120,20 +130,17 @@ def _parsing_handler(reply: bytes, handed_off: bool):
         waiting.clear()
         worker.submit(loop.call_soon_threadsafe, _release, turn)
 
-    async def model_infer(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        if handed_off:
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            waiting.append(future)
-            if len(waiting) == 1:
-                loop.call_soon(hand_off, loop)
-            await future
-        response = pb.ModelInferResponse()
-        response.CopyFrom(answer)
-        response.id = request.id
-        return response
+    async def answer_after_hand_off(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiting.append(future)
+        if len(waiting) == 1:
+            loop.call_soon(hand_off, loop)
+        await future
+        return answer_to(request)
 
-    return grpc.unary_unary_rpc_method_handler(model_infer, request_deserializer=pb.ModelInferRequest.FromString,
+    return grpc.unary_unary_rpc_method_handler(answer_after_hand_off if handed_off else answer_at_once,
+                                               request_deserializer=pb.ModelInferRequest.FromString,
                                                response_serializer=pb.ModelInferResponse.SerializeToString)
 
 
