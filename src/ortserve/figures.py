@@ -335,9 +335,9 @@ def _save_small(image, out: Path) -> None:
 # The model files shown, and the figures
 
 
-def lesson07_dir() -> Path:
-    """Where lesson 07 writes its exports (the figures script writes the same files)."""
-    path = zoo.models_dir() / "lessons" / "07_netron"
+def netron_lesson_dir() -> Path:
+    """Where lesson 04 writes its exports (the figures script writes the same files)."""
+    path = zoo.models_dir() / "lessons" / "04_netron"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -348,8 +348,8 @@ def cnn_torchscript() -> Path:
 
 
 def cnn_dynamo() -> Path:
-    """The digits CNN exported by the dynamo exporter, stack traces stripped (as in lessons 02 and 07)."""
-    path = lesson07_dir() / "cnn_dynamo.onnx"
+    """The digits CNN exported by the dynamo exporter, stack traces stripped (as in lessons 02 and 04)."""
+    path = netron_lesson_dir() / "cnn_dynamo.onnx"
     if path.exists():
         return path
     import warnings
@@ -389,14 +389,14 @@ def resnet18() -> Path:
 
 
 FIGURES = [
-    Figure("07_cnn_torchscript.png", cnn_torchscript, viewport=(600, 1000), device_scale=1.25,
+    Figure("04_cnn_torchscript.png", cnn_torchscript, viewport=(600, 1000), device_scale=1.25,
            description="digits CNN, TorchScript exporter (dynamo=False): the whole graph"),
-    Figure("07_cnn_dynamo.png", cnn_dynamo, viewport=(600, 1000), device_scale=1.25,
+    Figure("04_cnn_dynamo.png", cnn_dynamo, viewport=(600, 1000), device_scale=1.25,
            description="digits CNN, dynamo exporter (dynamo=True): the whole graph"),
-    Figure("07_cnn_conv_sidebar.png", cnn_torchscript, viewport=(1100, 820), click="Conv", expand=("W",),
+    Figure("04_cnn_conv_sidebar.png", cnn_torchscript, viewport=(1100, 820), click="Conv", expand=("W",),
            device_scale=1.0,
            description="digits CNN with the first Conv's properties open in Netron's sidebar"),
-    Figure("07_resnet18_top.png", resnet18, viewport=(800, 1300), max_graph_height=1250, device_scale=1.0,
+    Figure("04_resnet18_top.png", resnet18, viewport=(800, 1300), max_graph_height=1250, device_scale=1.0,
            description="resnet18: the stem and the first residual blocks"),
 ]
 

@@ -41,7 +41,7 @@ import numpy as np
 from ortserve.server.cli import READY_LINE, ServerProcess
 
 SERVICE = "inference.GRPCInferenceService"
-# Lesson 04 uses 4 threads; 8 keeps the pool from being the limit at the concurrencies the bench uses, while
+# Lesson 07 uses 4 threads; 8 keeps the pool from being the limit at the concurrencies the bench uses, while
 # one session.run per request stays the limit, as in the lesson's server.
 BASELINE_WORKERS = 8
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
