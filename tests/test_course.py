@@ -57,7 +57,7 @@ GOING_FURTHER = re.compile(r"(?im)^#+\s*going further")
 DOCS_HEADING = re.compile(r"(?im)^#+\s*documentation\b")
 # The course speaks of its subject, not of how it was made or checked, nor of the machine that ran it.
 SELF_REFERENCE = re.compile(
-    r"(?i)\bnbval\b|\btest suite\b|\bthe tests\b|while writing|when we wrote|this notebook was|re-?execut"
+    r"(?i)\bnbval\b|\btest suite\b|\bthe tests\b|while writing|when we wrote|this notebook was|\bre-?execut"
     r"|the machine that ran|this machine\b|on our machine|\bCI\b"
 )
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|home|root|tmp|Users)/[\w.-]+")
