@@ -388,6 +388,37 @@ def resnet18() -> Path:
     return zoo.ensure("resnet18")
 
 
+def capstone_breast_cancer() -> Path:
+    """Lesson 14's model: StandardScaler + LogisticRegression on scikit-learn's breast-cancer data, via skl2onnx."""
+    path = zoo.models_dir() / "lessons" / "14_capstone" / "breast_cancer.onnx"
+    if path.exists():
+        return path
+    import onnx
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X_train, _, y_train, _ = train_test_split(X, y, test_size=0.25, random_state=zoo.SEED, stratify=y)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X_train, y_train)
+    onx = to_onnx(
+        pipeline,
+        initial_types=[("input", FloatTensorType([None, X.shape[1]]))],
+        final_types=[("label", Int64TensorType([None])), ("probabilities", FloatTensorType([None, 2]))],
+        options={LogisticRegression: {"zipmap": False}},
+        target_opset={"": zoo.OPSET, "ai.onnx.ml": 3},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    onnx.save(onx, tmp)
+    tmp.replace(path)
+    return path
+
+
 FIGURES = [
     Figure("04_cnn_torchscript.png", cnn_torchscript, viewport=(600, 1000), device_scale=1.25,
            description="digits CNN, TorchScript exporter (dynamo=False): the whole graph"),
@@ -398,6 +429,9 @@ FIGURES = [
            description="digits CNN with the first Conv's properties open in Netron's sidebar"),
     Figure("04_resnet18_top.png", resnet18, viewport=(800, 1300), max_graph_height=1250, device_scale=1.0,
            description="resnet18: the stem and the first residual blocks"),
+    Figure("14_breast_cancer_sidebar.png", capstone_breast_cancer, viewport=(1000, 700), click="LinearClassifier",
+           device_scale=1.0,
+           description="lesson 14's scikit-learn pipeline with its LinearClassifier's properties open"),
 ]
 
 
