@@ -60,13 +60,16 @@ notebooks: setup
 	done
 	$(BIN)/python -m ortserve exercises
 
-# Static pictures of model graphs for readers without a kernel (figures/07_*.png): Netron's own page, screenshotted
-# by a headless Chromium. Installs nothing; needs Chromium (Debian/Ubuntu: apt-get install chromium, or set
-# CHROMIUM=/path/to/chrome) and a font with the brackets Netron draws around shapes (apt-get install
-# fonts-wqy-microhei). `$(BIN)/python -m ortserve.figures --list` names the figures.
+# figures/: first the diagrams (figures/02_export_path.png, 08_request_path.png, 13_deployment.png), drawn by
+# matplotlib alone (`$(BIN)/python -m ortserve.diagrams`); then the static pictures of model graphs for readers
+# without a kernel (figures/04_*.png): Netron's own page, screenshotted by a headless Chromium. Installs nothing;
+# that second step needs Chromium (Debian/Ubuntu: apt-get install chromium, or set CHROMIUM=/path/to/chrome) and a
+# font with the brackets Netron draws around shapes (apt-get install fonts-wqy-microhei).
+# `$(BIN)/python -m ortserve.figures --list` names the Netron figures.
 figures: setup
+	$(BIN)/python -m ortserve.diagrams
 	@command -v "$${CHROMIUM:-chromium}" >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
 		|| command -v google-chrome >/dev/null 2>&1 \
-		|| { echo "make figures needs Chromium: apt-get update && apt-get install -y chromium fonts-wqy-microhei" >&2; \
-		     echo "(or set CHROMIUM=/path/to/chrome)" >&2; exit 2; }
+		|| { echo "the Netron figures need Chromium: apt-get update && apt-get install -y chromium fonts-wqy-microhei" >&2; \
+		     echo "(or set CHROMIUM=/path/to/chrome); the diagrams are drawn already" >&2; exit 2; }
 	$(BIN)/python -m ortserve.figures
