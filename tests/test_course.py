@@ -109,3 +109,18 @@ def test_notebook_speaks_of_its_subject(path):
             text = output.get("text", "") + "".join(str(v) for v in output.get("data", {}).values())
             found = MACHINE_PATH.search(text)
             assert not found, f"{path.name} cell {index}: output shows a machine path {found.group(0)!r}"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_lesson_shows_its_common_errors_before_the_recap(path):
+    cells = nbformat.read(path, as_version=4).cells
+
+    def heading(pattern: str) -> int | None:
+        found = [i for i, c in enumerate(cells) if c.cell_type == "markdown" and re.search(pattern, c.source)]
+        return found[0] if found else None
+
+    errors, recap = heading(r"(?im)^##\s*common errors"), heading(r"(?im)^##\s*recap")
+    assert errors is not None, f"{path.name}: no '## Common errors' section"
+    assert recap is None or errors < recap, f"{path.name}: 'Common errors' should come before the recap"
+    shown = cells[errors + 1 : recap]
+    assert any(c.cell_type == "code" for c in shown), f"{path.name}: the common errors are not run in a cell"
