@@ -12,8 +12,6 @@ import pytest
 from ortserve import data, zoo
 from ortserve.server.runtime import import_extensions
 
-import_extensions()  # before any in-process protoc run: see tests/server/test_text_model.py
-
 
 @pytest.fixture()
 def private_models_dir(tmp_path, monkeypatch):

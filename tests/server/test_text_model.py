@@ -24,10 +24,6 @@ from ortserve.server.app import BackgroundServer, ServerOptions
 from ortserve.server.errors import RepositoryError
 from ortserve.server.repository import Repository, discover
 
-# onnxruntime-extensions' native library aborts the process ("std::system_error: Invalid argument") if it is first
-# loaded after grpc_tools' protoc has run in the same process, as test_cli_codegen_repository's codegen test does in
-# an xdist worker. Loaded first, both work: so it is loaded here, when pytest collects this module.
-runtime.import_extensions()
 MODEL = "minilm_text"
 SENTENCES = [
     "A man is playing a guitar.",

@@ -10,6 +10,8 @@ Then grpc_service_pb2.py is pointed at ortserve._proto.POOL (see that package's 
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +35,6 @@ def proto_files(protos_dir: Path) -> list[Path]:
 def generate(out_dir: Path, protos_dir: Path | None = None) -> list[Path]:
     """Compile every proto into `out_dir` (files land in out_dir/ortserve/_proto/); returns the files written."""
     import onnx
-    from grpc_tools import protoc
 
     protos_dir = protos_dir or checkout_root() / "protos"
     sources = proto_files(protos_dir)
@@ -41,8 +42,10 @@ def generate(out_dir: Path, protos_dir: Path | None = None) -> list[Path]:
         raise FileNotFoundError(f"no .proto files under {protos_dir / 'ortserve' / '_proto'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_include = Path(onnx.__file__).resolve().parents[1]
-    well_known_include = Path(protoc.__file__).resolve().parent / "_proto"
-    args = [
+    well_known_include = Path(importlib.util.find_spec("grpc_tools").origin).resolve().parent / "_proto"
+    command = [
+        sys.executable,
+        "-m",
         "grpc_tools.protoc",
         f"-I{protos_dir}",
         f"-I{onnx_include}",
@@ -52,9 +55,11 @@ def generate(out_dir: Path, protos_dir: Path | None = None) -> list[Path]:
         f"--grpc_python_out={out_dir}",
         *(str(p.relative_to(protos_dir)) for p in sources),
     ]
-    # protoc resolves the relative source names against the -I directories.
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    # protoc resolves the relative source names against the -I directories. It runs in a process of its own: its
+    # native code, loaded into this one, makes onnxruntime-extensions' library abort when that is loaded later.
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(command)}\n{done.stderr}")
     generated = out_dir / "ortserve" / "_proto"
     for name in PRIVATE_POOL_MODULES:
         _use_private_pool(generated / name)
