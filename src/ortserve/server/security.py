@@ -140,17 +140,24 @@ def read_token_file(path: Path) -> list[str]:
 class TokenAuthority:
     """The bearer tokens the server accepts, and the check of one presented with a call."""
 
-    def __init__(self, tokens: Sequence[str], source: str = "the tokens given", path: Path | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        source: str = "the tokens given",
+        path: Path | None = None,
+        reload_interval: float = TOKEN_RELOAD_INTERVAL,
+    ) -> None:
         self.source = source  # where the tokens came from, for logs ("token file tokens.txt")
         self._tokens = self._encoded(tokens)
         self._path = path
         self._stamp = _file_stamp(path) if path is not None else None
-        self._next_check = time.monotonic() + TOKEN_RELOAD_INTERVAL
+        self._reload_interval = reload_interval  # seconds between looks at the file; 0: at every call
+        self._next_check = time.monotonic() + reload_interval
 
     @classmethod
-    def from_file(cls, path: Path | str) -> "TokenAuthority":
+    def from_file(cls, path: Path | str, reload_interval: float = TOKEN_RELOAD_INTERVAL) -> "TokenAuthority":
         path = Path(path)
-        return cls(read_token_file(path), f"token file {path}", path)
+        return cls(read_token_file(path), f"token file {path}", path, reload_interval)
 
     @classmethod
     def from_env(cls, name: str = TOKEN_ENV) -> "TokenAuthority":
@@ -214,7 +221,7 @@ class TokenAuthority:
     def _reload_if_changed(self) -> None:
         if self._path is None or time.monotonic() < self._next_check:
             return
-        self._next_check = time.monotonic() + TOKEN_RELOAD_INTERVAL
+        self._next_check = time.monotonic() + self._reload_interval
         stamp = _file_stamp(self._path)
         if stamp == self._stamp:
             return
