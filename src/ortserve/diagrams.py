@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
-FIGURES_DIR = Path(__file__).resolve().parents[2] / "figures"
+from ortserve.figures import FIGURES_DIR  # noqa: E402
+
 DPI = 100
 # Paul Tol's light scheme: dark text reads on every one of them.
 BLUE, CYAN, MINT, PEAR, YELLOW, ORANGE, PINK, GREY = (

@@ -335,6 +335,16 @@ def _save_small(image, out: Path) -> None:
 # The model files shown, and the figures
 
 
+def _save_whole(model, path: Path) -> Path:
+    """Save under a temporary name, then rename: a reader (the lesson, another figure) never sees half a file."""
+    import onnx
+
+    tmp = path.with_suffix(".tmp")
+    onnx.save(model, tmp)
+    tmp.replace(path)
+    return path
+
+
 def netron_lesson_dir() -> Path:
     """Where lesson 04 writes its exports (the figures script writes the same files)."""
     path = zoo.models_dir() / "lessons" / "04_netron"
@@ -354,7 +364,6 @@ def cnn_dynamo() -> Path:
         return path
     import warnings
 
-    import onnx
     import torch
 
     from ortserve import data
@@ -378,10 +387,7 @@ def cnn_dynamo() -> Path:
         kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
-    tmp = path.with_suffix(".tmp")
-    onnx.save(proto, tmp)
-    tmp.replace(path)
-    return path
+    return _save_whole(proto, path)
 
 
 def resnet18() -> Path:
@@ -393,7 +399,6 @@ def capstone_breast_cancer() -> Path:
     path = zoo.models_dir() / "lessons" / "14_capstone" / "breast_cancer.onnx"
     if path.exists():
         return path
-    import onnx
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
     from sklearn.datasets import load_breast_cancer
@@ -413,10 +418,7 @@ def capstone_breast_cancer() -> Path:
         target_opset={"": zoo.OPSET, "ai.onnx.ml": 3},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    onnx.save(onx, tmp)
-    tmp.replace(path)
-    return path
+    return _save_whole(onx, path)
 
 
 FIGURES = [
