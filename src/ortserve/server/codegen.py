@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 # Files whose descriptors go to ortserve._proto.POOL instead of protobuf's default pool.
-PRIVATE_POOL_MODULES = ("grpc_service_pb2.py",)
+PRIVATE_POOL_MODULES = ("grpc_service_pb2.py", "model_config_pb2.py")
 _DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 _PRIVATE_POOL_LINE = (
     "from ortserve._proto import POOL as _private_pool  # ortserve codegen: see ortserve/_proto/__init__.py\n"
