@@ -29,7 +29,7 @@ from test_bad_input import CASES  # the gRPC bad-request table: each case is rep
 
 from ortserve._proto import grpc_service_pb2 as pb
 from ortserve.client import AsyncInferenceClient
-from ortserve.server import codec
+from ortserve.server import codec, dataplane
 from ortserve.server.app import BackgroundServer, ServerOptions
 from ortserve.server.cli import ServerProcess
 from ortserve.yardsticks import YardstickProcess
@@ -109,7 +109,7 @@ def test_live_and_ready(http):
 def test_server_metadata(http):
     answer = http.get("/v2")
     assert answer.status_code == 200
-    assert answer.json()["name"] == "ortserve" and answer.json()["extensions"] == ["binary_tensor_data"]
+    assert answer.json()["name"] == "ortserve" and answer.json()["extensions"] == list(dataplane.EXTENSIONS)
 
 
 @pytest.mark.parametrize("path, version", [("add_sub", ""), ("versioned", ""), ("versioned", "2"), ("shout", ""),
@@ -450,8 +450,9 @@ HTTP_CASES = {
                                       400, "binary_data must be true or false, got a number"),
     "binary_data_output not a boolean": case({**add_sub_json(), "parameters": {"binary_data_output": "yes"}}, 400,
                                              "binary_data_output must be true or false, got a string"),
-    "classification asked": case({**add_sub_json(), "outputs": [{"name": "sum", "parameters": {"classification": 2}}]},
-                                 400, "classification is not supported"),
+    "classification not a count": case({**add_sub_json(), "outputs": [{"name": "sum",
+                                                                        "parameters": {"classification": "2"}}]},
+                                       400, "classification must be a whole number of classes, got a string"),
     "shared memory asked": case(good_with(data=None, parameters={"shared_memory_region": "r"}), 400,
                                 "shared memory is not supported"),
     "binary_data_size past the end": case(binary_body(good_with(data=None, parameters={"binary_data_size": 40}),

@@ -138,7 +138,7 @@ def test_unsupported_triton_rpc_is_unimplemented(server):
 
     triton = InferenceServerClient(server.address)
     with pytest.raises(InferenceServerException) as caught:
-        triton.get_model_repository_index()
+        triton.get_system_shared_memory_status()
     assert "UNIMPLEMENTED" in str(caught.value.status())
     assert triton.is_server_live()  # and the server is fine
 
@@ -150,7 +150,7 @@ def test_response_id_echoed_for_typed_request(v2_stub):
 
 
 def test_channel_level_status_for_unknown_method(channel):
-    call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+    call = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
     with pytest.raises(grpc.RpcError) as caught:
         call(b"")
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ortserve._proto import grpc_service_pb2, grpc_service_pb2_grpc, predict_pb2, predict_pb2_grpc
 from ortserve.server.batching import BatchingDefaults
+from ortserve.server.dataplane import DataPlane
 from ortserve.server.gate import Gate
 from ortserve.server.legacy import PredictionServicer
 from ortserve.server.observe import Observer
@@ -152,6 +153,7 @@ class InferenceServer:
         self.health = health_aio.HealthServicer()
         self.observer = Observer(repository, self.gate, options.request_log)
         self.observer.observe_runs()
+        self.plane = DataPlane(repository, self.gate, self.observer)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -194,12 +196,8 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.gate, self.observer), server
-        )
-        predict_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.repository, self.gate, self.observer), server
-        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
+        predict_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(self.plane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server, pool=reflection_pool())
         target = f"{self.options.address}:{self.options.port}"
@@ -216,7 +214,7 @@ class InferenceServer:
         self._server = server
         if self.options.http_port is not None:
             try:
-                rest_app = build_app(self.repository, self.gate, limit, self.options.auth, observer=self.observer)
+                rest_app = build_app(self.plane, limit, self.options.auth)
                 tls = self.options.tls.uvicorn_kwargs() if self.options.tls else {}
                 self._rest = RestEndpoint(rest_app, self.options.address, self.options.http_port, **tls)
                 await self._rest.start()

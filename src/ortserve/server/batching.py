@@ -46,7 +46,7 @@ from typing import Mapping
 import numpy as np
 
 from ortserve.server.runtime import (Feeds, LoneSessions, RunObserver, RunTiming, SessionRunner, TensorSpec,
-                                    run_session)  # fmt: skip
+                                    deadline_exceeded, run_session)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class _Request:
     future: asyncio.Future
     queued_at: float  # loop.time(), which is time.monotonic()
     timing: RunTiming | None
+    deadline: float | None  # time.monotonic() by which it must start running; None: no limit
 
 
 @dataclass(eq=False)
@@ -143,11 +144,12 @@ class Batcher:
     def observe_run(self, observer: RunObserver | None) -> None:
         self._run_alone.observe_run = observer  # one observer for joined runs and lone ones
 
-    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None) -> Feeds:
+    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None,
+                       deadline: float | None = None) -> Feeds:  # fmt: skip
         loop = asyncio.get_running_loop()
-        request = self._request(feeds, output_names, loop, timing)
+        request = self._request(feeds, output_names, loop, timing, deadline)
         if request is None:  # cannot join a batch: run it as it is
-            return await self._run_alone(feeds, output_names, timing)
+            return await self._run_alone(feeds, output_names, timing, deadline)
         self._queue.append(request)
         self._queued_rows += request.rows
         if not self._decide_soon:
@@ -156,7 +158,8 @@ class Batcher:
             loop.call_soon(self._decide, loop)
         return await request.future
 
-    def _request(self, feeds: Feeds, output_names: list[str] | None, loop, timing: RunTiming | None) -> _Request | None:
+    def _request(self, feeds: Feeds, output_names: list[str] | None, loop, timing: RunTiming | None,
+                 deadline: float | None) -> _Request | None:  # fmt: skip
         rows = None
         trailing = []
         for name, array in feeds.items():
@@ -168,7 +171,7 @@ class Batcher:
             return None
         if timing is not None:
             timing.rows = rows
-        return _Request(feeds, output_names, rows, tuple(trailing), loop.create_future(), loop.time(), timing)
+        return _Request(feeds, output_names, rows, tuple(trailing), loop.create_future(), loop.time(), timing, deadline)
 
     # ----------------------------------------------------------------------------------------------
     # Forming batches
@@ -226,8 +229,11 @@ class Batcher:
             return batch
         key = queue[0].key
         kept: deque[_Request] = deque()
+        now = time.monotonic()
         while queue:
             request = queue.popleft()
+            if request.deadline is not None and now > request.deadline and not request.future.done():
+                request.future.set_exception(deadline_exceeded(self.label, now - request.queued_at))
             if request.future.done():
                 self._queued_rows -= request.rows
             elif request.key == key and batch.rows + request.rows <= self.max_batch_size:

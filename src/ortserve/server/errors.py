@@ -41,6 +41,10 @@ class ShuttingDown(ServingError):
     """The server is draining before it stops and takes no new work."""
 
 
+class DeadlineExceeded(ServingError):
+    """The request was still queued when its timeout or the call's deadline passed, so it was not run."""
+
+
 class MessageTooLarge(ServingError):
     """A request (or its answer) is larger than the server's message limit (gRPC enforces its own)."""
 
@@ -70,6 +74,7 @@ STATUS_CODES: dict[type[ServingError], Status] = {
     MessageTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     ModelRunError: Status(grpc.StatusCode.INTERNAL, 500),
     ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
 }
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)  # anything unexpected: a bug of ours

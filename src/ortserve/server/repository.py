@@ -47,6 +47,34 @@ DEFAULT_MODEL_NAME = "default"
 ONNX_PLATFORMS = {"onnx", "onnxruntime", "onnxruntime_onnx", "onnx_onnxv1"}
 
 
+class OutputConfig(BaseModel):
+    """Settings of one output: its labels for the classification extension, one per line (line i: class i)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    label_filename: str | None = Field(None, min_length=1, description="file in the model's folder")
+
+
+class WarmupInput(BaseModel):
+    """One input of a warm-up request: its datatype and dims (without the batch axis when the model batches)."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_type: str = Field(description="TYPE_FP32 (Triton's) or FP32 (the protocol's)")
+    dims: list[int]
+    zero_data: bool = False
+    random_data: bool = False
+
+
+class WarmupConfig(BaseModel):
+    """A warm-up request, as Triton's model_warmup: `count` runs of `batch_size` rows of zero or random inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "warmup"
+    batch_size: int = Field(1, ge=0)
+    inputs: dict[str, WarmupInput] = Field(default_factory=dict)
+    count: int = Field(1, ge=1)
+
+
 class ModelConfig(BaseModel):
     """Per-model settings, from `<repository>/<name>/config.json` or a model_config_list entry. All optional.
 
@@ -66,6 +94,13 @@ class ModelConfig(BaseModel):
                                            "microseconds (default: the server's)")
     intra_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime intra-op threads (default: server's)")
     inter_op_threads: int | None = Field(None, ge=0, description="ONNX Runtime inter-op threads (default: server's)")
+    output: list[OutputConfig] = Field(default_factory=list, description="per-output settings (Triton's name)")
+    model_warmup: list[WarmupConfig] = Field(default_factory=list, description="requests run before the model "
+                                             "reports ready (Triton's name)")  # fmt: skip
+
+    def label_files(self) -> dict[str, str]:
+        """Output name -> its label file, as the config names it (relative to the model's folder)."""
+        return {o.name: o.label_filename for o in self.output if o.label_filename}
 
     def session_settings(self, server_default: SessionSettings) -> SessionSettings:
         """The model's own thread settings where it has them, the server's elsewhere."""

@@ -1,40 +1,21 @@
-"""The Open Inference Protocol's HTTP/REST form (KServe v2, as Triton and tritonclient.http speak it), on FastAPI.
+"""The Open Inference Protocol's HTTP/REST form (KServe v2, as Triton and tritonclient.http speak it), on FastAPI:
+translation between HTTP/JSON and the data plane (ortserve.server.dataplane), nothing else.
 
-Translation between HTTP/JSON and numpy, nothing else: the same repository, batcher (Model.infer), admission gate
-and error table as the gRPC servicer (ortserve.server.v2), which builds the metadata answers for both forms.
+    GET  /v2/health/live | /v2/health/ready | /v2                   liveness, readiness (400 false), server metadata
+    GET  /v2/models/{name}[/versions/{v}][/ready|/config|/stats]    metadata, readiness, configuration, statistics
+    POST /v2/models/{name}[/versions/{v}]/infer                     {"id", "parameters", "inputs", "outputs"}
+    GET  /v2/models/stats                                           statistics of every model
+    POST /v2/repository/index | /v2/repository/models/{name}/load | /unload
+    GET|POST /v2/logging                                            log settings
 
-    GET  /v2/health/live                             200 {"live": true}
-    GET  /v2/health/ready                            200 {"ready": true}; 400 {"ready": false, "error"} draining
-    GET  /v2                                         server metadata {"name", "version", "extensions"}
-    GET  /v2/models/{name}[/versions/{v}]            model metadata {"name", "versions", "platform", "inputs", ...}
-    GET  /v2/models/{name}[/versions/{v}]/ready      200 {"name", "ready": true}; 400 {..., "ready": false, "error"}
-    POST /v2/models/{name}[/versions/{v}]/infer      {"id", "parameters", "inputs": [...], "outputs": [...]}
+Every error is `{"error": "<message>"}` with the HTTP status of its row in ortserve.server.errors. Inference takes
+JSON tensors or, with the binary tensor data extension, raw bytes after the JSON header
+(Inference-Header-Content-Length), gzip or deflate bodies too; tensors are (de)coded by ortserve.server.codec.
+The hot path reads the raw body and json.loads it: no pydantic validation of tensor data.
 
-Readiness answers in the status code, as the protocol says (200 true, 4xx false) and Triton does (400); an
-unknown model is simply not ready, as over gRPC. Every error is `{"error": "<message>"}` with the HTTP status of
-the error's row in ortserve.server.errors (400 bad input, 404 unknown model or version, 413 too large, 500 the
-model failed, 503 shutting down); unknown routes get 404 and wrong methods 405 in the same shape.
-
-Inference requests: inputs as JSON tensors ({"name", "shape", "datatype", "data"}, data flat or nested row-major,
-BYTES as strings) or, with the binary tensor data extension, as raw bytes after the JSON header: the
-`Inference-Header-Content-Length` header gives the JSON's length and each such input's parameters give its
-"binary_data_size". Outputs come back as JSON unless the request asks for binary data, per output (parameters
-{"binary_data": true}) or for all (request parameters {"binary_data_output": true}, which tritonclient.http
-sends when it names no outputs); an answer with binary outputs has the Inference-Header-Content-Length header.
-Tensor (de)coding lives in ortserve.server.codec. Bodies compressed with gzip or deflate (Content-Encoding) are
-accepted; answers are not compressed. Request-level parameters other than binary_data_output are accepted and
-not acted on, as over gRPC.
-
-The hot path reads the raw body and json.loads it -- no pydantic validation of tensor data -- and answers with
-bytes it serialises itself.
-
-Serving: `RestEndpoint` runs uvicorn on the caller's event loop (the grpc.aio server's), so both protocols share
-one batcher; it never installs signal handlers (InferenceServer.serve_until_signalled owns them) and stops when
-InferenceServer.stop() has drained the gate. `build_app` builds the app and `uvicorn_config` holds the uvicorn
-settings. Security (ortserve.server.security): given a TokenAuthority, `build_app` puts BearerTokenMiddleware in
-front of every route but the health routes (401 with `WWW-Authenticate: Bearer` without a good token); given TLS
-settings, InferenceServer passes their uvicorn_kwargs() here, so REST serves HTTPS with the gRPC port's
-certificate (and asks for client certificates under mutual TLS).
+`RestEndpoint` runs uvicorn on the grpc.aio server's event loop, so both protocols share one batcher; it never
+installs signal handlers and stops when InferenceServer.stop() has drained. Given a TokenAuthority, `build_app`
+puts BearerTokenMiddleware in front of every route but health (ortserve.server.security).
 """
 
 from __future__ import annotations
@@ -53,16 +34,13 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 
 import ortserve
-from ortserve.server import codec, v2
+from ortserve.server import codec
+from ortserve.server.dataplane import DataPlane, RequestedOutput
 from ortserve.server.errors import InvalidInput, MessageTooLarge, ServingError, Unauthenticated, http_status_of
-from ortserve.server.gate import Gate
-from ortserve.server.observe import Observer
-from ortserve.server.repository import Repository
 from ortserve.server.security import AUTHORIZATION, TokenAuthority, is_health_route
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["binary_tensor_data"]  # what the server metadata lists over REST
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -100,14 +78,11 @@ def rest_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Aw
 
 
 class RestApi:
-    """The route handlers, over one repository and gate."""
+    """The route handlers, over one data plane (ortserve.server.dataplane)."""
 
-    def __init__(self, repository: Repository, gate: Gate, max_message_bytes: int,
-                 observer: Observer | None = None) -> None:  # fmt: skip
-        self.repository = repository
-        self.gate = gate
+    def __init__(self, plane: DataPlane, max_message_bytes: int) -> None:
+        self.plane = plane
         self.max_message_bytes = max_message_bytes
-        self.observer = observer or Observer(repository, gate)  # metrics and request log (ortserve.server.observe)
 
     @rest_errors
     async def server_live(self, request: Request) -> Response:
@@ -115,39 +90,75 @@ class RestApi:
 
     @rest_errors
     async def server_ready(self, request: Request) -> Response:
-        if self.gate.draining:
+        if not self.plane.server_ready():
             return json_response({"ready": False, "error": "the server is shutting down"}, 400)
         return json_response({"ready": True})
 
     @rest_errors
     async def server_metadata(self, request: Request) -> Response:
-        return json_response(v2.server_metadata(EXTENSIONS))
+        return json_response(self.plane.server_metadata())
 
     @rest_errors
     async def model_metadata(self, request: Request) -> Response:
         name, version = _model_path(request)
-        return json_response(v2.model_metadata(self.repository, name, version))
+        return json_response(self.plane.model_metadata(name, version))
 
     @rest_errors
     async def model_ready(self, request: Request) -> Response:
         name, version = _model_path(request)
-        ready, why = v2.model_readiness(self.repository, self.gate, name, version)
+        ready, why = self.plane.model_readiness(name, version)
         if not ready:
             return json_response({"name": name, "ready": False, "error": why}, 400)
         return json_response({"name": name, "ready": True})
 
     @rest_errors
+    async def model_config(self, request: Request) -> Response:
+        name, version = _model_path(request)
+        return json_response(self.plane.model_config(name, version))
+
+    @rest_errors
+    async def model_statistics(self, request: Request) -> Response:
+        params = request.path_params
+        return json_response(self.plane.model_statistics(params.get("name", ""), params.get("version", "")))
+
+    @rest_errors
+    async def repository_index(self, request: Request) -> Response:
+        body = await self._json_body(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f"'ready' must be true or false, got {codec.json_type(ready)}")
+        return json_response(self.plane.repository_index(ready_only=ready))
+
+    @rest_errors
+    async def load_model(self, request: Request) -> Response:
+        parameters = await self._parameters(request)
+        await self.plane.load_model(request.path_params["name"], parameters)
+        return json_response({})
+
+    @rest_errors
+    async def unload_model(self, request: Request) -> Response:
+        parameters = await self._parameters(request)
+        await self.plane.unload_model(request.path_params["name"], parameters)
+        return json_response({})
+
+    @rest_errors
+    async def log_settings(self, request: Request) -> Response:
+        if request.method == "GET":
+            return json_response(self.plane.log_settings())
+        return json_response(self.plane.update_log_settings(await self._json_body(request)))
+
+    @rest_errors
     async def infer(self, request: Request) -> Response:
         name, version = _model_path(request)
-        with self.observer.request("rest", name, version) as record:
-            model = record.model = self.repository.get(name, version)
+        with self.plane.request("rest", name, version) as call:
             payload, binary = parse_body(await self._read_body(request), request.headers)
-            request_id = record.request_id = codec.json_field(payload, "id", str, "the request", required=False) or ""
+            request_id = call.record.request_id = codec.json_field(payload, "id", str, "the request",
+                                                                   required=False) or ""  # fmt: skip
             parameters = codec.json_field(payload, "parameters", dict, "the request", required=False) or {}
             inputs = codec.decode_json_inputs(codec.json_field(payload, "inputs", list, "the request"), binary)
             requested, as_binary = requested_outputs(payload, parameters)
-            with self.gate.admit():
-                outputs = await model.infer(inputs, requested, record.timing)
+            outputs = await call.infer(inputs, requested, parameters)
+            model = call.model
             answer: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
             if request_id:
                 answer["id"] = request_id
@@ -160,6 +171,24 @@ class RestApi:
         if not any(as_binary(name) for name in outputs):
             return Response(header, media_type=JSON)
         return Response(header + raw, media_type=BINARY, headers={HEADER_LENGTH: str(len(header))})
+
+    async def _json_body(self, request: Request) -> dict:
+        """A management call's JSON object body ({} when empty)."""
+        body = await self._read_body(request)
+        if not body.strip():
+            return {}
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise InvalidInput(f"the request body is not valid JSON: {error}") from None
+        if not isinstance(payload, dict):
+            raise InvalidInput(f"the request body must be a JSON object, got {codec.json_type(payload)}")
+        return payload
+
+    async def _parameters(self, request: Request) -> dict:
+        """The "parameters" object of a repository load/unload body."""
+        body = await self._json_body(request)
+        return codec.json_field(body, "parameters", dict, "the request", required=False) or {}
 
     async def _read_body(self, request: Request) -> bytes:
         """The request body, decompressed, refused once it passes the message limit."""
@@ -223,8 +252,8 @@ def parse_body(body: bytes, headers) -> tuple[dict, memoryview]:
     return payload, binary
 
 
-def requested_outputs(payload: dict, parameters: dict) -> tuple[list[str] | None, Callable[[str], bool]]:
-    """(the output names asked for, None for all; whether an output goes back as binary data)."""
+def requested_outputs(payload: dict, parameters: dict) -> tuple[list[RequestedOutput] | None, Callable[[str], bool]]:
+    """(the outputs asked for, None for all; whether an output goes back as binary data)."""
     default = parameters.get("binary_data_output", False)
     if not isinstance(default, bool):
         raise InvalidInput(f"parameters.binary_data_output must be true or false, got {codec.json_type(default)}")
@@ -239,13 +268,16 @@ def requested_outputs(payload: dict, parameters: dict) -> tuple[list[str] | None
         name = codec.json_field(output, "name", str, f"outputs[{i}]")
         what = f"output {name!r}"
         params = codec.json_field(output, "parameters", dict, what, required=False) or {}
-        for unsupported in ("classification", "shared_memory_region"):
-            if unsupported in params:
-                raise InvalidInput(f"{what}: parameters.{unsupported} is not supported by this server")
+        if "shared_memory_region" in params:
+            raise InvalidInput(f"{what}: shared memory is not supported by this server; send the data in the body")
+        classification = params.get("classification", 0)
+        if type(classification) is not int or classification < 0:
+            raise InvalidInput(f"{what}: parameters.classification must be a whole number of classes, "
+                               f"got {codec.json_type(classification)}")  # fmt: skip
         flag = params.get("binary_data", default)
         if not isinstance(flag, bool):
             raise InvalidInput(f"{what}: parameters.binary_data must be true or false, got {codec.json_type(flag)}")
-        names.append(name)
+        names.append(RequestedOutput(name, classification))
         binary[name] = flag
     return names, lambda name: binary.get(name, default)
 
@@ -284,20 +316,26 @@ class BearerTokenMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(repository: Repository, gate: Gate, max_message_bytes: int,
-              auth: TokenAuthority | None = None, observer: Observer | None = None) -> FastAPI:  # fmt: skip
-    """The REST app: every route of the module docstring over `repository`, admitting inference through `gate`,
-    to callers with a bearer token `auth` accepts when it is given (see ortserve.server.security)."""
+def build_app(plane: DataPlane, max_message_bytes: int, auth: TokenAuthority | None = None) -> FastAPI:
+    """The REST app: every route of the module docstring over the data plane, to callers with a bearer token
+    `auth` accepts when it is given (see ortserve.server.security)."""
     app = FastAPI(title="ortserve: Open Inference Protocol (REST)", version=ortserve.__version__,
                   docs_url=None, redoc_url=None)  # fmt: skip  (docs pages would load scripts from a CDN)
-    api = RestApi(repository, gate, max_message_bytes, observer)
+    api = RestApi(plane, max_message_bytes)
     app.add_api_route("/v2/health/live", api.server_live, methods=["GET"])
     app.add_api_route("/v2/health/ready", api.server_ready, methods=["GET"])
     app.add_api_route("/v2", api.server_metadata, methods=["GET"])
+    app.add_api_route("/v2/models/stats", api.model_statistics, methods=["GET"])  # before /v2/models/{name}
     for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(model, api.model_metadata, methods=["GET"])
         app.add_api_route(f"{model}/ready", api.model_ready, methods=["GET"])
         app.add_api_route(f"{model}/infer", api.infer, methods=["POST"])
+        app.add_api_route(f"{model}/config", api.model_config, methods=["GET"])
+        app.add_api_route(f"{model}/stats", api.model_statistics, methods=["GET"])
+    app.add_api_route("/v2/repository/index", api.repository_index, methods=["POST"])
+    app.add_api_route("/v2/repository/models/{name}/load", api.load_model, methods=["POST"])
+    app.add_api_route("/v2/repository/models/{name}/unload", api.unload_model, methods=["POST"])
+    app.add_api_route("/v2/logging", api.log_settings, methods=["GET", "POST"])
     app.add_exception_handler(HTTPException, http_error)
     if auth is not None:
         app.add_middleware(BearerTokenMiddleware, authority=auth)

@@ -36,7 +36,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ortserve.server.errors import InvalidInput, ModelRunError, RepositoryError
+from ortserve.server.errors import DeadlineExceeded, InvalidInput, ModelRunError, RepositoryError
 
 # ONNX Runtime's tensor type names -> numpy dtypes. Strings are object arrays of str on the ONNX Runtime side.
 ORT_DTYPES: dict[str, np.dtype] = {
@@ -69,7 +69,8 @@ class RunTiming:
         self.rows = 0
 
 
-Runner = Callable[[Feeds, "list[str] | None", "RunTiming | None"], Awaitable[Feeds]]
+# await runner(feeds, output_names, timing, deadline): deadline is the time.monotonic() by which the run must start.
+Runner = Callable[[Feeds, "list[str] | None", "RunTiming | None", "float | None"], Awaitable[Feeds]]
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,7 @@ class Model:
         self.inputs: dict[str, TensorSpec] = {a.name: _spec(a, f"{where} input") for a in session.get_inputs()}
         self.outputs: dict[str, TensorSpec] = {a.name: _spec(a, f"{where} output") for a in session.get_outputs()}
         self.runner: Runner = runner or SessionRunner(session, executor, self.label, lone_session)
+        self.output_labels: dict[str, list[str]] = {}  # output name -> class labels (the repository reads them)
         self._accepted: set[tuple] = set()  # input signatures that passed check_inputs
         self._cacheable = not any(s.is_string for s in self.inputs.values())  # strings are converted, not just checked
 
@@ -249,14 +251,19 @@ class Model:
         return f"model {self.name!r} version {self.version}"
 
     async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
-                    timing: RunTiming | None = None) -> Feeds:  # fmt: skip
+                    timing: RunTiming | None = None, deadline: float | None = None) -> Feeds:  # fmt: skip
         """Check the request, then run it; the answer holds the requested outputs (all when None) by name.
 
-        `timing`, when given, is filled in with the request's queue and run times (see RunTiming).
+        `timing`, when given, is filled in with the request's queue and run times (see RunTiming). A request still
+        waiting for its run at `deadline` (time.monotonic()) is not run: DeadlineExceeded.
         """
         feeds = self.check_inputs(inputs)
         output_names = self.check_outputs(outputs)
-        return await self.runner(feeds, output_names, timing)
+        return await self.runner(feeds, output_names, timing, deadline)
+
+    def labels(self, output: str) -> list[str]:
+        """The class labels of an output for the classification extension ([] when its config names no file)."""
+        return self.output_labels.get(output, [])
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> Feeds:
         """The inputs as ONNX Runtime wants them, or InvalidInput saying what was expected and what came."""
@@ -404,7 +411,8 @@ class SessionRunner:
         self.observe_run: RunObserver | None = None
         self.in_flight = 0  # runs started and not finished (counted on the event loop)
 
-    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None) -> Feeds:
+    async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None,
+                       deadline: float | None = None) -> Feeds:  # fmt: skip
         loop = asyncio.get_running_loop()
         names = output_names or self.all_outputs
         alone = self.in_flight == 0
@@ -412,13 +420,15 @@ class SessionRunner:
         self.in_flight += 1
         try:
             return await loop.run_in_executor(self.executor, self._run, session, feeds, names, timing, alone,
-                                              time.monotonic())  # fmt: skip
+                                              time.monotonic(), deadline)  # fmt: skip
         finally:
             self.in_flight -= 1
 
     def _run(self, session, feeds: Feeds, names: list[str], timing: RunTiming | None, alone: bool,
-             queued_at: float) -> Feeds:  # fmt: skip
+             queued_at: float, deadline: float | None = None) -> Feeds:  # fmt: skip
         started = time.monotonic()
+        if deadline is not None and started > deadline:
+            raise deadline_exceeded(self.label, started - queued_at)
         try:
             return run_session(session, feeds, names, self.label)
         finally:
@@ -431,6 +441,11 @@ class SessionRunner:
                     timing.queue, timing.run, timing.batch, timing.rows = started - queued_at, seconds, rows, rows
                 if self.observe_run is not None:
                     self.observe_run(rows, seconds)
+
+
+def deadline_exceeded(label: str, waited: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{label}: the request's timeout or deadline passed after {waited * 1e3:.3f} ms in the "
+                            "queue, before it could run; it was not run (give it more time, or retry)")  # fmt: skip
 
 
 def leading_rows(feeds: Feeds) -> int:
