@@ -177,18 +177,28 @@ class Observer:
         self.repository = repository
         self.metrics = Metrics()
         self.log_requests = log_requests
-        self._served_names = frozenset(repository.names())
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._http: tuple | None = None  # (server, thread) of the metrics endpoint
         self.last_arrival = 0.0  # time.monotonic() of the latest inference call (a draining server waits for quiet)
         self.metrics.in_flight.set_function(lambda: gate.in_flight)
-        for model in repository:
-            max_batch = getattr(model.runner, "max_batch_size", 0)  # a Batcher's; 0: the model is not batched
-            self.metrics.model_info.labels(model.name, str(model.version), str(max_batch)).set(1)
 
     def observe_runs(self) -> None:
         for model in self.repository:
-            model.runner.observe_run = self._run_observer(model.name, str(model.version))
+            self.watch(model)
+
+    def watch(self, model: "Model") -> None:
+        """Start observing a model version the server now serves: its info series and its runs."""
+        max_batch = getattr(model.runner, "max_batch_size", 0)  # a Batcher's; 0: the model is not batched
+        self.metrics.model_info.labels(model.name, str(model.version), str(max_batch)).set(1)
+        model.runner.observe_run = self._run_observer(model.name, str(model.version))
+
+    def forget(self, model: "Model") -> None:
+        """A model version the server no longer serves: its info series goes (its request counts stay)."""
+        max_batch = getattr(model.runner, "max_batch_size", 0)
+        try:
+            self.metrics.model_info.remove(model.name, str(model.version), str(max_batch))
+        except KeyError:
+            pass
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -234,7 +244,7 @@ class Observer:
         model = record.model
         if model is not None:
             key = (record.protocol, model.name, str(model.version))
-        elif record.model_name in self._served_names:
+        elif record.model_name in self.repository.names():
             key = (record.protocol, record.model_name, UNRESOLVED)
         else:
             key = (record.protocol, UNRESOLVED, UNRESOLVED)
