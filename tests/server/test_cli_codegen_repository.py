@@ -21,7 +21,9 @@ FLAGS = ["--model_path", "--model_repository", "--address", "--grpc_port", "--ht
          "--num_threads", "--inter_op_threads", "--workers", "--lone_request_threads", "--max_batch_size",
          "--max_queue_delay_us",
          "--max_message_mb", "--grace_period", "--tls_cert", "--tls_key", "--tls_client_ca",
-         "--auth_token_file", "--metrics_port", "--request_log", "--replicas"]  # fmt: skip
+         "--auth_token_file", "--metrics_port", "--request_log", "--replicas",
+         "--model_control_mode", "--model-control-mode", "--load_model", "--load-model",
+         "--repository_poll_secs", "--repository-poll-secs"]  # fmt: skip
 
 
 def test_help_lists_every_flag():

@@ -46,11 +46,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ortserve._proto import grpc_service_pb2, grpc_service_pb2_grpc, predict_pb2, predict_pb2_grpc
 from ortserve.server.batching import BatchingDefaults
+from ortserve.server.control import DEFAULT_POLL_SECS, open_repository
 from ortserve.server.dataplane import DataPlane
 from ortserve.server.gate import Gate
 from ortserve.server.legacy import PredictionServicer
 from ortserve.server.observe import Observer
-from ortserve.server.repository import Repository, discover
+from ortserve.server.repository import LoadSettings, Repository
+from ortserve.server.runtime import Model
 from ortserve.server.rest import RestEndpoint, build_app
 from ortserve.server.runtime import SessionSettings
 from ortserve.server.security import BearerTokenInterceptor, TlsSettings, TokenAuthority, describe
@@ -86,6 +88,11 @@ class ServerOptions:
     request_log: bool = False  # one JSON line per inference request on the "ortserve.requests" logger
     tls: TlsSettings | None = None  # None: plaintext; see ortserve.server.security
     auth: TokenAuthority | None = None  # None: no token needed; else every call but health checks needs one
+    # Triton's --model-control-mode: none, explicit or poll (see ortserve.server.control), with the models an
+    # explicit server loads at start ("*": all) and the poll interval in seconds.
+    model_control_mode: str = "none"
+    load_models: tuple[str, ...] = ()
+    repository_poll_secs: float = DEFAULT_POLL_SECS
 
     def thread_plan(self) -> "ThreadPlan":
         """Worker threads and session settings, chosen so that runs sharing the cores never oversubscribe them.
@@ -154,6 +161,8 @@ class InferenceServer:
         self.observer = Observer(repository, self.gate, options.request_log)
         self.observer.observe_runs()
         self.plane = DataPlane(repository, self.gate, self.observer)
+        if repository.control is not None:  # health and metrics follow the models loaded and unloaded
+            repository.control.listeners.append(self._model_changed)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -167,7 +176,9 @@ class InferenceServer:
         plan = options.thread_plan()
         executor = ThreadPoolExecutor(max_workers=plan.workers, thread_name_prefix="ort")
         batching = BatchingDefaults(options.max_batch_size, options.max_queue_delay_us, max_runs=plan.workers)
-        repository = Repository.load(discover(location), plan.session, executor, batching, plan.lone)
+        loading = LoadSettings(plan.session, executor, batching, plan.lone)
+        repository = open_repository(location, loading, options.model_control_mode, options.load_models,
+                                     options.repository_poll_secs)  # fmt: skip
         return cls(repository, options, executor)
 
     @property
@@ -238,7 +249,18 @@ class InferenceServer:
         serving = health_pb2.HealthCheckResponse.SERVING
         for service in ("", V2_SERVICE, LEGACY_SERVICE, *self.repository.names()):
             await self.health.set(service, serving)
+        if self.repository.control is not None:
+            await self.repository.control.start()  # polls the directory in poll mode
         return self.port
+
+    async def _model_changed(self, name: str, added: list[Model], dropped: list[Model]) -> None:
+        for model in dropped:
+            self.observer.forget(model)
+        for model in added:
+            self.observer.watch(model)
+        served = name in self.repository.names()
+        status = health_pb2.HealthCheckResponse.SERVING if served else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop (see the module docstring); calling it again waits for the first call's shutdown."""
@@ -250,6 +272,8 @@ class InferenceServer:
         grace = self.options.grace_period if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        if self.repository.control is not None:
+            await self.repository.control.stop()
         await self.health.enter_graceful_shutdown()
         self.gate.close()
         if self.gate.in_flight:

@@ -49,6 +49,7 @@ from ortserve.server.app import (
     ServerOptions,
 )
 from ortserve.server.batching import BatchingDefaults
+from ortserve.server.control import DEFAULT_POLL_SECS, MODES
 from ortserve.server.observe import DEFAULT_METRICS_PORT, configure_request_log
 from ortserve.server.errors import ConfigurationError, RepositoryError
 from ortserve.server.runtime import SessionSettings
@@ -161,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run N server processes under a supervisor, a port each (--grpc_port, +1, ...; every "
                              "other port flag likewise), the cores shared among them; 0: one per core (default: "
                              "%(default)s). See ortserve.server.replicas")  # fmt: skip
+    control = parser.add_argument_group("model control", "loading and unloading models while serving, as Triton's "
+                                        "model repository extension (ortserve.server.control); needs a "
+                                        "--model_repository directory for explicit and poll")  # fmt: skip
+    control.add_argument("--model_control_mode", "--model-control-mode", choices=MODES, default="none",
+                         help="none: serve the models loaded at start, refuse load/unload (default); explicit: "
+                              "load/unload calls decide, --load_model picks the models of the start; poll: re-read "
+                              "the repository every --repository_poll_secs by itself, refuse load/unload")  # fmt: skip
+    control.add_argument("--load_model", "--load-model", action="append", default=[], metavar="NAME",
+                         help="with --model_control_mode explicit: load this model at start (repeat for more; "
+                              "'*' for all); without it, none is loaded")  # fmt: skip
+    control.add_argument("--repository_poll_secs", "--repository-poll-secs", type=float, default=DEFAULT_POLL_SECS,
+                         metavar="SECONDS", help="with --model_control_mode poll: seconds between two reads of the "
+                         "repository (default: %(default)g, as Triton's)")  # fmt: skip
     security = parser.add_argument_group("security", f"TLS and bearer tokens (ortserve.server.security). Tokens "
                                          f"come from --auth_token_file or ${TOKEN_ENV} (one token, or several "
                                          "separated by commas), not both; with either, every call except the "
@@ -202,6 +216,9 @@ def options_from(args: argparse.Namespace) -> ServerOptions:
         request_log=args.request_log is not None,
         tls=tls_from(args),
         auth=TokenAuthority.from_sources(args.auth_token_file),
+        model_control_mode=args.model_control_mode,
+        load_models=tuple(args.load_model),
+        repository_poll_secs=args.repository_poll_secs,
     )
 
 

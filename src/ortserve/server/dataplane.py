@@ -89,9 +89,11 @@ class InferenceCall:
         except BaseException as error:
             record.__exit__(type(error), error, error.__traceback__)
             raise
+        repository.calls.enter(self.model)  # in the lookup's loop turn: an unload waits for this call
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        self.plane.repository.calls.leave(self.model)
         self.record.__exit__(kind, error, traceback)
 
     async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[RequestedOutput] | None = None,
@@ -175,10 +177,10 @@ class DataPlane:
         return self.repository.index(ready_only)
 
     async def load_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
-        await self.repository.load(name, parameters or {})
+        await self.repository.load_model(name, parameters or {})
 
     async def unload_model(self, name: str, parameters: Mapping[str, Any] | None = None) -> None:
-        await self.repository.unload(name, parameters or {})
+        await self.repository.unload_model(name, parameters or {})
 
     def log_settings(self) -> dict:
         return log_settings()

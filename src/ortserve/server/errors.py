@@ -53,6 +53,14 @@ class Unauthenticated(ServingError):
     """The call carries no bearer token, a malformed one, or one the server does not accept (never echoed)."""
 
 
+class ModelControlDisabled(ServingError):
+    """A repository load/unload the server's --model_control_mode does not allow (or its repository cannot do)."""
+
+
+class ModelLoadError(ServingError):
+    """A model (version) could not be loaded: unreadable file or config, ONNX Runtime's refusal, a failed warm-up."""
+
+
 class RepositoryError(Exception):
     """The model repository or a model's config is unusable. Raised at start-up, never sent to a client."""
 
@@ -76,6 +84,8 @@ STATUS_CODES: dict[type[ServingError], Status] = {
     ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
+    ModelControlDisabled: Status(grpc.StatusCode.FAILED_PRECONDITION, 400),
+    ModelLoadError: Status(grpc.StatusCode.INTERNAL, 500),  # as Triton answers a failed load
 }
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)  # anything unexpected: a bug of ours
 

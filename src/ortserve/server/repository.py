@@ -25,6 +25,7 @@ A single .onnx file (run_ort_server.sh --model_path) is a repository of one mode
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from concurrent.futures import Executor
@@ -32,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ortserve.server.batching import BatchingDefaults, runner_for
-from ortserve.server.errors import ModelNotFound, RepositoryError
+from ortserve.server.errors import ModelControlDisabled, ModelNotFound, RepositoryError
 from ortserve.server.runtime import Model, SessionSettings, load_session
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,12 @@ class WarmupInput(BaseModel):
     dims: list[int]
     zero_data: bool = False
     random_data: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> "WarmupInput":
+        if self.zero_data == self.random_data:  # Triton's oneof: exactly one of them
+            raise ValueError("a warm-up input needs exactly one of zero_data: true or random_data: true")
+        return self
 
 
 class WarmupConfig(BaseModel):
@@ -212,13 +219,82 @@ def _versions(name: str, folder: Path, config: ModelConfig) -> list[ModelSource]
 # The loaded repository
 
 
+@dataclass(frozen=True)
+class LoadSettings:
+    """How the server opens a model version: session threads, worker pool, batching defaults, lone sessions."""
+
+    settings: SessionSettings = SessionSettings()
+    executor: Executor | None = None
+    batching: BatchingDefaults = BatchingDefaults(max_batch_size=0)
+    lone: SessionSettings | None = None
+
+
+def open_model(source: ModelSource, loading: LoadSettings = LoadSettings()) -> Model:
+    """One servable, warmed-up model version (RepositoryError if it cannot be served). Blocking: seconds for a big
+    model, so a server that is already serving calls it in a thread. The one place a loaded Model is built."""
+    from ortserve.server.warmup import warm_up
+
+    model_settings = source.config.session_settings(loading.settings)
+    session = load_session(source.path, model_settings)
+    lone_session = None
+    if loading.lone is not None and loading.lone.threads() > model_settings.threads():
+        lone_session = load_session(source.path, loading.lone)
+    model = Model(source.name, source.version, source.path, session, source.config, executor=loading.executor,
+                  lone_session=lone_session)  # fmt: skip
+    batcher = runner_for(model, loading.batching, loading.executor)
+    if batcher is not None:
+        model.runner = batcher
+    # Classification labels: read source.config.label_files() into model.output_labels here.
+    warm_up(model)  # last: a version is ready, and installed, only once warm
+    log.info("loaded model %r version %d from %s (%s)", source.name, source.version, source.path,
+             f"batching up to {batcher.max_batch_size}" if batcher else "no batching")  # fmt: skip
+    return model
+
+
+class CallsInFlight:
+    """Inference calls in flight per model version (the Model object), counted on the event loop by the data plane
+    from lookup to answer, so that an unload can wait for a version's calls to finish before dropping it."""
+
+    def __init__(self) -> None:
+        self._count: dict[Model, int] = {}
+        self._idle: dict[Model, asyncio.Event] = {}
+
+    def enter(self, model: Model) -> None:
+        self._count[model] = self._count.get(model, 0) + 1
+
+    def leave(self, model: Model) -> None:
+        left = self._count[model] - 1
+        if left:
+            self._count[model] = left
+            return
+        del self._count[model]
+        idle = self._idle.pop(model, None)
+        if idle is not None:
+            idle.set()
+
+    def of(self, model: Model) -> int:
+        return self._count.get(model, 0)
+
+    async def wait_idle(self, model: Model) -> None:
+        if self._count.get(model):
+            await self._idle.setdefault(model, asyncio.Event()).wait()
+
+
 class Repository:
-    """The loaded models, by name and version."""
+    """The served models, by name and version: what every call looks up.
+
+    Loading and unloading while serving (Triton's model repository extension) is the job of a
+    ortserve.server.control.ModelControl attached as `control`; without one (a repository built in code, as tests
+    do) the index lists the loaded models and load/unload are refused.
+    """
 
     def __init__(self, models: list[Model]) -> None:
         self._models: dict[str, dict[int, Model]] = {}
         for model in models:
             self._models.setdefault(model.name, {})[model.version] = model
+        self._not_served: dict[str, str] = {}  # name -> why it is not served ("was unloaded"), for NOT_FOUND errors
+        self.calls = CallsInFlight()
+        self.control = None  # a ModelControl, when the server may load and unload models
 
     @classmethod
     def load(cls, sources: list[ModelSource], settings: SessionSettings = SessionSettings(),
@@ -230,28 +306,18 @@ class Repository:
         `lone`, a model whose sessions have fewer threads also gets a lone session with these settings (see
         ortserve.server.runtime.SessionRunner).
         """
-        models = []
-        for source in sources:
-            model_settings = source.config.session_settings(settings)
-            session = load_session(source.path, model_settings)
-            lone_session = None
-            if lone is not None and lone.threads() > model_settings.threads():
-                lone_session = load_session(source.path, lone)
-            model = Model(source.name, source.version, source.path, session, source.config, executor=executor,
-                          lone_session=lone_session)  # fmt: skip
-            batcher = runner_for(model, batching, executor)
-            if batcher is not None:
-                model.runner = batcher
-            models.append(model)
-            log.info("loaded model %r version %d from %s (%s)", source.name, source.version, source.path,
-                     f"batching up to {batcher.max_batch_size}" if batcher else "no batching")  # fmt: skip
-        return cls(models)
+        loading = LoadSettings(settings, executor, batching, lone)
+        return cls([open_model(source, loading) for source in sources])
 
     def names(self) -> list[str]:
         return sorted(self._models)
 
     def versions(self, name: str) -> list[int]:
         return sorted(self._models.get(name, {}))
+
+    def served(self, name: str) -> dict[int, Model]:
+        """The served versions of `name` (a copy: {} when none)."""
+        return dict(self._models.get(name, {}))
 
     def __iter__(self) -> Iterator[Model]:
         for name in self.names():
@@ -261,7 +327,11 @@ class Repository:
         """The model `name` at `version` (latest when None or ""), or ModelNotFound naming what there is."""
         versions = self._models.get(name)
         if not versions:
-            raise ModelNotFound(f"no model {name!r}; this server has {', '.join(map(repr, self.names())) or 'none'}")
+            why = self._not_served.get(name)
+            there = ", ".join(map(repr, self.names())) or "none"
+            if why:
+                raise ModelNotFound(f"model {name!r} {why}; this server now serves {there}")
+            raise ModelNotFound(f"no model {name!r}; this server has {there}")
         if version is None or version == "":
             return versions[max(versions)]
         number = int(version) if isinstance(version, int) or str(version).isdigit() else None
@@ -280,3 +350,35 @@ class Repository:
             f"this protocol names no model, so the server needs one called {DEFAULT_MODEL_NAME!r} or only one model; "
             f"it has {', '.join(map(repr, self.names()))}"
         )
+
+    def install(self, name: str, versions: dict[int, Model], why_not: str = "") -> list[Model]:
+        """Serve exactly `versions` of `name` from now on ({}: none, `why_not` saying why); in one step, so a call
+        gets either the old set or the new one. Returns the Model objects no longer served."""
+        old = self._models.pop(name, {})
+        if versions:
+            self._models[name] = dict(versions)
+            self._not_served.pop(name, None)
+        else:
+            self._not_served[name] = why_not or "is not loaded"
+        kept = {id(m) for m in versions.values()}
+        return [m for m in old.values() if id(m) not in kept]
+
+    # Triton's model repository extension (the data plane's repository_index, load_model, unload_model)
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """[{"name", "version", "state", "reason"}] of every model (see ModelControl.index)."""
+        if self.control is not None:
+            return self.control.index(ready_only)
+        return [{"name": m.name, "version": str(m.version), "state": "READY", "reason": ""} for m in self]
+
+    async def load_model(self, name: str, parameters: dict) -> None:
+        await self._controlled().load(name, parameters)
+
+    async def unload_model(self, name: str, parameters: dict) -> None:
+        await self._controlled().unload(name, parameters)
+
+    def _controlled(self):
+        if self.control is None:
+            raise ModelControlDisabled("this repository was built in code, so its models cannot be loaded or "
+                                       "unloaded; serve a repository directory with --model_control_mode explicit")
+        return self.control
