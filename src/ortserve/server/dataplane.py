@@ -105,8 +105,11 @@ class InferenceCall:
         model = self.model
         deadline = timeout_deadline(parameters, deadline)
         names = [o.name for o in outputs] if outputs else None
+        record = self.record
         with self.plane.gate.admit():
-            answer = await model.infer(inputs, names, self.record.timing, deadline=deadline)
+            record.infer_started = time.monotonic()
+            answer = await model.infer(inputs, names, record.timing, deadline=deadline)
+            record.infer_finished = time.monotonic()
         if outputs and any(o.classification for o in outputs):
             answer = self.plane.classify(model, answer, outputs)
         return answer

@@ -72,6 +72,7 @@ from prometheus_client import (
 
 from ortserve.server.errors import status_of
 from ortserve.server.runtime import RunObserver, RunTiming
+from ortserve.server.statistics import Statistics
 
 if TYPE_CHECKING:
     from ortserve.server.gate import Gate
@@ -146,7 +147,8 @@ class _Series:
 class RequestRecord:
     """One inference request on its way through the server; a context manager (see the module docstring)."""
 
-    __slots__ = ("observer", "protocol", "model_name", "version", "request_id", "model", "timing", "started")
+    __slots__ = ("observer", "protocol", "model_name", "version", "request_id", "model", "timing", "started",
+                 "infer_started", "infer_finished")  # fmt: skip
 
     def __init__(self, observer: "Observer", protocol: str, model_name: str, version: str, request_id: str) -> None:
         self.observer = observer
@@ -157,6 +159,8 @@ class RequestRecord:
         self.model: Model | None = None  # the model version serving it, once known
         self.timing = RunTiming()
         self.started = 0.0
+        self.infer_started = 0.0  # time.monotonic() when the decoded request reached the model (0: never)
+        self.infer_finished = 0.0  # ... and when its answer came back
 
     def __enter__(self) -> "RequestRecord":
         self.started = self.observer.last_arrival = time.monotonic()
@@ -176,6 +180,7 @@ class Observer:
     def __init__(self, repository: "Repository", gate: "Gate", log_requests: bool = False) -> None:
         self.repository = repository
         self.metrics = Metrics()
+        self.statistics = Statistics()  # Triton's statistics extension (ortserve.server.statistics)
         self.log_requests = log_requests
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._http: tuple | None = None  # (server, thread) of the metrics endpoint
@@ -190,10 +195,11 @@ class Observer:
         """Start observing a model version the server now serves: its info series and its runs."""
         max_batch = getattr(model.runner, "max_batch_size", 0)  # a Batcher's; 0: the model is not batched
         self.metrics.model_info.labels(model.name, str(model.version), str(max_batch)).set(1)
-        model.runner.observe_run = self._run_observer(model.name, str(model.version))
+        model.runner.observe_run = self._run_observer(model.name, str(model.version), self.statistics.watch(model))
 
     def forget(self, model: "Model") -> None:
         """A model version the server no longer serves: its info series goes (its request counts stay)."""
+        self.statistics.forget(model)
         max_batch = getattr(model.runner, "max_batch_size", 0)
         try:
             self.metrics.model_info.remove(model.name, str(model.version), str(max_batch))
@@ -204,13 +210,14 @@ class Observer:
     def registry(self) -> CollectorRegistry:
         return self.metrics.registry
 
-    def _run_observer(self, name: str, version: str) -> RunObserver:
+    def _run_observer(self, name: str, version: str, count_run: RunObserver) -> RunObserver:
         batch_size = self.metrics.batch_size.labels(name, version)
         run_time = self.metrics.run_time.labels(name, version)
 
         def observe(rows: int, seconds: float) -> None:
             batch_size.observe(rows)
             run_time.observe(seconds)
+            count_run(rows, seconds)
 
         return observe
 
@@ -232,6 +239,7 @@ class Observer:
             status = code.name
         series = self._series_of(record)
         series.counter(status).inc()
+        self._count(record, error, total)
         timing = record.timing
         if timing.batch:
             series.queue_time.observe(timing.queue)
@@ -239,6 +247,19 @@ class Observer:
             series.latency.observe(total)
         if self.log_requests:
             self._log(record, status, message, total)
+
+    def _count(self, record: RequestRecord, error: BaseException | None, total: float) -> None:
+        """The request in its model version's statistics (requests that found no model count nowhere)."""
+        stats = self.statistics.of(record.model) if record.model is not None else None
+        if stats is None:
+            return
+        if error is not None:
+            stats.failed(total)
+            return
+        timing = record.timing
+        decode = max(0.0, record.infer_started - record.started) if record.infer_started else 0.0
+        encode = max(0.0, record.started + total - record.infer_finished) if record.infer_finished else 0.0
+        stats.succeeded(timing.rows, total, timing.queue, decode, timing.run, encode)
 
     def _series_of(self, record: RequestRecord) -> _Series:
         model = record.model

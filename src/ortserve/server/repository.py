@@ -232,6 +232,7 @@ class LoadSettings:
 def open_model(source: ModelSource, loading: LoadSettings = LoadSettings()) -> Model:
     """One servable, warmed-up model version (RepositoryError if it cannot be served). Blocking: seconds for a big
     model, so a server that is already serving calls it in a thread. The one place a loaded Model is built."""
+    from ortserve.server.classification import read_labels
     from ortserve.server.warmup import warm_up
 
     model_settings = source.config.session_settings(loading.settings)
@@ -244,7 +245,9 @@ def open_model(source: ModelSource, loading: LoadSettings = LoadSettings()) -> M
     batcher = runner_for(model, loading.batching, loading.executor)
     if batcher is not None:
         model.runner = batcher
-    # Classification labels: read source.config.label_files() into model.output_labels here.
+    # Labels live in the model's folder: <folder>/<version>/model.onnx, or beside a lone model file.
+    folder = source.path.parent.parent if source.path.parent.name.isdigit() else source.path.parent
+    model.output_labels = read_labels(source.config.label_files(), folder)
     warm_up(model)  # last: a version is ready, and installed, only once warm
     log.info("loaded model %r version %d from %s (%s)", source.name, source.version, source.path,
              f"batching up to {batcher.max_batch_size}" if batcher else "no batching")  # fmt: skip

@@ -410,6 +410,9 @@ class SessionRunner:
         self.all_outputs = [o.name for o in session.get_outputs()]
         self.observe_run: RunObserver | None = None
         self.in_flight = 0  # runs started and not finished (counted on the event loop)
+        # Runs in flight at once at most (the model configuration's instance count): the executor's threads, or
+        # those of asyncio's default executor (ThreadPoolExecutor's default size) when there is none.
+        self.max_runs = getattr(executor, "_max_workers", None) or min(32, (os.cpu_count() or 1) + 4)
 
     async def __call__(self, feeds: Feeds, output_names: list[str] | None, timing: RunTiming | None = None,
                        deadline: float | None = None) -> Feeds:  # fmt: skip
