@@ -164,7 +164,7 @@ def test_wrong_method_is_405(http, method, path, allowed):
 
 def test_unknown_route_is_404(http):
     assert_error(http.get("/v2/modelz/add_sub"), 404, "no route GET /v2/modelz/add_sub", "/v2/models/{name}")
-    assert_error(http.post("/v1/models/add_sub:predict", json={}), 404, "no route POST")
+    assert_error(http.post("/v1/models/add_sub:explain", json={}), 404, "no route POST")  # :predict is a route
     assert_still_serving(http)
 
 

@@ -33,6 +33,10 @@ class InvalidInput(ServingError, ValueError):
     """The request does not fit the protocol or the model: names, datatypes, shapes, contents, outputs."""
 
 
+class UnsupportedMediaType(ServingError):
+    """The request body comes in an encoding (Content-Type) the endpoint does not take."""
+
+
 class ModelRunError(ServingError, RuntimeError):
     """The model failed while running (ONNX Runtime's own message is kept)."""
 
@@ -80,6 +84,7 @@ STATUS_CODES: dict[type[ServingError], Status] = {
     ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
     InvalidInput: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
     MessageTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    UnsupportedMediaType: Status(grpc.StatusCode.INVALID_ARGUMENT, 415),
     ModelRunError: Status(grpc.StatusCode.INTERNAL, 500),
     ShuttingDown: Status(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),

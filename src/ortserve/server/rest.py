@@ -7,8 +7,10 @@ translation between HTTP/JSON and the data plane (ortserve.server.dataplane), no
     GET  /v2/models/stats                                           statistics of every model
     POST /v2/repository/index | /v2/repository/models/{name}/load | /unload
     GET|POST /v2/logging                                            log settings
+    POST /v1/models/{name}[/versions/{v}]:predict | /score          the old ONNX Runtime Server's predict
 
-Every error is `{"error": "<message>"}` with the HTTP status of its row in ortserve.server.errors. Inference takes
+Every v2 error is `{"error": "<message>"}` with the HTTP status of its row in ortserve.server.errors (the /v1
+routes answer in the old server's forms, see ortserve.server.legacy). Inference takes
 JSON tensors or, with the binary tensor data extension, raw bytes after the JSON header
 (Inference-Header-Content-Length), gzip or deflate bodies too; tensors are (de)coded by ortserve.server.codec.
 The hot path reads the raw body and json.loads it: no pydantic validation of tensor data.
@@ -26,6 +28,7 @@ import functools
 import json
 import logging
 import socket
+import uuid
 import zlib
 from typing import Any, Awaitable, Callable
 
@@ -34,9 +37,10 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 
 import ortserve
-from ortserve.server import codec
+from ortserve.server import codec, legacy
 from ortserve.server.dataplane import DataPlane, RequestedOutput
 from ortserve.server.errors import InvalidInput, MessageTooLarge, ServingError, Unauthenticated, http_status_of
+from ortserve.server.repository import DEFAULT_MODEL_NAME
 from ortserve.server.security import AUTHORIZATION, TokenAuthority, is_health_route
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,17 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message}, status, headers)
 
 
+def failure(request: Request, error: Exception) -> tuple[int, str]:
+    """The HTTP status and message a route's exception answers with (ortserve.server.errors), logged; call it
+    from the except block."""
+    status, message = http_status_of(error)
+    if isinstance(error, ServingError):
+        log.debug("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    else:  # a bug of ours: log it in full, tell the client it is ours
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+    return status, message
+
+
 def rest_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
     """Turn any exception of a route into {"error": message} with its status (ortserve.server.errors)."""
 
@@ -66,13 +81,30 @@ def rest_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Aw
     async def wrapper(self, request: Request) -> Response:
         try:
             return await handler(self, request)
-        except ServingError as error:
-            status, message = http_status_of(error)
-            log.debug("%s %s -> %d: %s", request.method, request.url.path, status, message)
-        except Exception as error:  # a bug of ours: log it in full, tell the client it is ours
-            status, message = http_status_of(error)
-            log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(status, message)
+        except Exception as error:
+            return error_response(*failure(request, error))
+
+    return wrapper
+
+
+def legacy_http(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """The old ONNX Runtime Server's HTTP conventions around a route: every answer carries a new x-ms-request-id
+    (also request.state.request_id) and the client's x-ms-client-request-id back; an exception answers
+    {"error_code", "error_message"} with its status (ortserve.server.legacy)."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request: Request) -> Response:
+        ids = {legacy.REQUEST_ID: str(uuid.uuid4())}
+        if request.headers.get(legacy.CLIENT_REQUEST_ID):
+            ids[legacy.CLIENT_REQUEST_ID] = request.headers[legacy.CLIENT_REQUEST_ID]
+        request.state.request_id = ids[legacy.REQUEST_ID]
+        try:
+            response = await handler(self, request)
+        except Exception as error:
+            status, message = failure(request, error)
+            response = Response(legacy.error_body(status, message), status, media_type=JSON)
+        response.headers.update(ids)
+        return response
 
     return wrapper
 
@@ -171,6 +203,21 @@ class RestApi:
         if not any(as_binary(name) for name in outputs):
             return Response(header, media_type=JSON)
         return Response(header + raw, media_type=BINARY, headers={HEADER_LENGTH: str(len(header))})
+
+    @legacy_http
+    async def legacy_predict(self, request: Request) -> Response:
+        """The old server's POST /v1/models/{name}[/versions/{version}]:predict, and /score (model `default`)."""
+        params = request.path_params
+        media_type = legacy.response_media_type(request.headers.get("accept"))
+        message = legacy.decode_request(await self._read_body(request), request.headers.get("content-type"))
+        answer = await legacy.predict(self.plane, message, "legacy", params.get("name", DEFAULT_MODEL_NAME),
+                                      params.get("version", ""), request.state.request_id)  # fmt: skip
+        body = legacy.encode_response(answer, media_type)
+        if len(body) > self.max_message_bytes:
+            raise MessageTooLarge(f"the answer would be {len(body)} bytes; this server sends at most "
+                                  f"{self.max_message_bytes} (--max_message_mb); ask for fewer rows or "
+                                  "outputs")  # fmt: skip
+        return Response(body, media_type=media_type)
 
     async def _json_body(self, request: Request) -> dict:
         """A management call's JSON object body ({} when empty)."""
@@ -289,8 +336,9 @@ async def http_error(request: Request, error: HTTPException) -> Response:
         message = f"{request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
         return error_response(405, message, error.headers)
     if error.status_code == 404:
-        message = (f"no route {request.method} {request.url.path}; the routes are /v2, /v2/health/live|ready and "
-                   "/v2/models/{name}[/versions/{version}][/ready|/infer]")  # fmt: skip
+        message = (f"no route {request.method} {request.url.path}; the routes are /v2, /v2/health/live|ready, "
+                   "/v2/models/{name}[/versions/{version}][/ready|/infer] and the old ONNX Runtime Server's "
+                   "/v1/models/{name}[/versions/{version}]:predict")  # fmt: skip
         return error_response(404, message)
     return error_response(error.status_code, str(error.detail))
 
@@ -336,6 +384,9 @@ def build_app(plane: DataPlane, max_message_bytes: int, auth: TokenAuthority | N
     app.add_api_route("/v2/repository/models/{name}/load", api.load_model, methods=["POST"])
     app.add_api_route("/v2/repository/models/{name}/unload", api.unload_model, methods=["POST"])
     app.add_api_route("/v2/logging", api.log_settings, methods=["GET", "POST"])
+    app.add_api_route("/v1/models/{name}:predict", api.legacy_predict, methods=["POST"])
+    app.add_api_route("/v1/models/{name}/versions/{version}:predict", api.legacy_predict, methods=["POST"])
+    app.add_api_route("/score", api.legacy_predict, methods=["POST"])
     app.add_exception_handler(HTTPException, http_error)
     if auth is not None:
         app.add_middleware(BearerTokenMiddleware, authority=auth)
