@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ortserve.server.errors import ModelNotFound
+from ortserve.server.errors import InvalidInput
 
 if TYPE_CHECKING:
     from ortserve.server.repository import Repository
@@ -116,7 +116,7 @@ class Statistics:
         or of one version; ModelNotFound (the repository's message) for an unknown model or version."""
         if not name:
             if version not in ("", None):
-                raise ModelNotFound(f"statistics of version {str(version)!r} need a model name; none was given")
+                raise InvalidInput(f"statistics of version {str(version)!r} need a model name; none was given")
             models = list(repository)
         elif version in ("", None):
             repository.get(name)  # ModelNotFound for an unknown model
