@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # pytest-xdist spreads notebooks over the cores; loadscope keeps a notebook's cells on one worker.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test test-portable lab serve exercises notebooks protos clean-models figures
+.PHONY: setup test test-portable lab serve exercises notebooks protos clean-models figures perf-analyzer
 
 setup: $(STAMP)
 
@@ -48,6 +48,24 @@ protos: setup
 
 exercises: setup
 	$(BIN)/python -m ortserve exercises
+
+# Triton's load tool, perf_analyzer, in a venv of its own (the course's pins stay as they are): tritonclient
+# 2.41.0's manylinux wheel ships the binary, which links libcudart.so.12 even on a CPU (nvidia-cuda-runtime-cu12)
+# and Debian's libb64 (installs nothing with apt). build/perf-analyzer/perf_analyzer runs it with both found.
+PERF_DIR := build/perf-analyzer
+perf-analyzer:
+	@ldconfig -p | grep -q libb64 || { echo "perf_analyzer needs libb64: apt-get install -y libb64-0d" >&2; exit 2; }
+	test -x $(PERF_DIR)/venv/bin/python || $(PYTHON) -m venv $(PERF_DIR)/venv
+	$(PERF_DIR)/venv/bin/python -m pip install --quiet tritonclient==2.41.0 nvidia-cuda-runtime-cu12
+	@cudart=$$($(PERF_DIR)/venv/bin/python -c "import os, nvidia.cuda_runtime as c; \
+		print(os.path.relpath(os.path.join(c.__path__[0], 'lib'), '$(PERF_DIR)'))") && \
+	printf '%s\n' '#!/bin/sh' '# perf_analyzer of tritonclient 2.41.0 (make perf-analyzer), with the CUDA runtime it links.' \
+		'here=$$(cd "$$(dirname "$$0")" && pwd)' \
+		"export LD_LIBRARY_PATH=\"\$$here/$$cudart\$${LD_LIBRARY_PATH:+:\$$LD_LIBRARY_PATH}\"" \
+		'exec "$$here/venv/bin/perf_analyzer" "$$@"' > $(PERF_DIR)/perf_analyzer
+	chmod +x $(PERF_DIR)/perf_analyzer
+	$(PERF_DIR)/perf_analyzer --version  # the binary loads: its libraries are found
+	@echo "ready: $(PERF_DIR)/perf_analyzer -m digits_cnn -u 127.0.0.1:8001 -i grpc --concurrency-range 1:8:7"
 
 clean-models:
 	rm -rf models
