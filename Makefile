@@ -65,7 +65,7 @@ perf-analyzer:
 		'exec "$$here/venv/bin/perf_analyzer" "$$@"' > $(PERF_DIR)/perf_analyzer
 	chmod +x $(PERF_DIR)/perf_analyzer
 	$(PERF_DIR)/perf_analyzer --version  # the binary loads: its libraries are found
-	@echo "ready: $(PERF_DIR)/perf_analyzer -m digits_cnn -u 127.0.0.1:8001 -i grpc --concurrency-range 1:8:7"
+	@echo "ready: $(PERF_DIR)/perf_analyzer -m digits_cnn -u 127.0.0.1:50051 -i grpc --concurrency-range 1:8:7"
 
 clean-models:
 	rm -rf models
