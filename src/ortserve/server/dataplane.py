@@ -194,7 +194,8 @@ class DataPlane:
     def classify(self, model: Model, outputs: Feeds, requested: Sequence[RequestedOutput]) -> Feeds:
         from ortserve.server.classification import classify
 
-        return {name: classify(array, wanted.classification, model.labels(name)) if wanted.classification else array
+        return {name: classify(array, wanted.classification, model.labels(name), f"{model.label} output {name!r}")
+                if wanted.classification else array
                 for (name, array), wanted in zip(outputs.items(), _in_order(outputs, requested))}  # fmt: skip
 
 

@@ -1,0 +1,251 @@
+"""Triton's extensions in depth, on gRPC and REST alike: classification (every kind of output, labels, clamping,
+refusals), streaming (many ids, bad requests inside, closing, asyncio, metrics, a client that goes away), timeouts
+and deadlines (requests not run, measured by the runs counter and the statistics), log settings (the level
+really changes) and the server metadata's list of extensions. tests/server/test_triton_extensions.py has the
+first-look tests of the same extensions.
+
+One server of its own with ONE worker thread (so a request can be queued behind a slow run on purpose) and a
+metrics endpoint, over copies of the digits models, echo models and a slow one, some with label files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import shutil
+import time
+
+import grpc
+import httpx
+import numpy as np
+import onnx
+import pytest
+import server_models
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
+from onnx import TensorProto, helper
+from server_models import digits_inputs
+from tritonclient.utils import InferenceServerException
+
+from ortserve._proto import grpc_service_pb2 as pb
+from ortserve._proto import grpc_service_pb2_grpc as pb_grpc
+from ortserve.server import codec, dataplane
+from ortserve.server.app import BackgroundServer, ServerOptions
+from ortserve.server.classification import classify, read_labels
+from ortserve.server.errors import InvalidInput, RepositoryError
+from ortserve.server.observe import scrape_metrics
+
+DIGIT_LABELS = [f"digit {i}" for i in range(10)]
+SLOW_WIDTH = 1024  # server_models.slow(SLOW_WIDTH, 64): about 0.8 s for 1024 rows on one core of the dev machine
+
+
+def rank3_echo() -> onnx.ModelProto:
+    """y = x, FP32 of shape (-1, 2, 3): an output classification cannot read (rank 3)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "rank3", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", server_models.OPSET)],
+                             ir_version=server_models.IR_VERSION)  # fmt: skip
+
+
+def write_config(folder, config: dict) -> None:
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def ext_repository(tmp_path_factory, digits_repository):
+    root = tmp_path_factory.mktemp("ext_repository")
+    for name in ("digits_cnn", "digits_forest"):
+        (root / name / "1").mkdir(parents=True)
+        shutil.copyfile(digits_repository / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+    (root / "digits_cnn" / "labels.txt").write_text("\n".join(DIGIT_LABELS) + "\n")
+    write_config(root / "digits_cnn", {"output": [{"name": "logits", "label_filename": "labels.txt"}]})
+    write_config(root / "digits_forest", {"max_batch_size": 0})
+    for datatype in ("UINT8", "INT32", "FP16", "FP64", "BOOL", "BYTES"):
+        server_models.save(server_models.echo(datatype), root / f"echo_{datatype.lower()}" / "1" / "model.onnx")
+    (root / "echo_int32" / "names.txt").write_text("first\r\nsecond\r\n")  # fewer labels than classes, CRLF
+    write_config(root / "echo_int32", {"output": [{"name": "y", "label_filename": "names.txt"}]})
+    server_models.save(server_models.plus_constant(0.5), root / "plus_half" / "1" / "model.onnx")
+    server_models.save(rank3_echo(), root / "rank3" / "1" / "model.onnx")
+    server_models.save(server_models.slow(SLOW_WIDTH, 64), root / "slow" / "1" / "model.onnx")
+    write_config(root / "slow", {"max_batch_size": 0})
+    return root
+
+
+@pytest.fixture(scope="module")
+def ext_server(ext_repository):
+    options = ServerOptions(port=0, http_port=0, metrics_port=0, workers=1, lone_request_threads=0)
+    with BackgroundServer(ext_repository, options) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def grpc_client(ext_server):
+    client = triton_grpc.InferenceServerClient(ext_server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def http_client(ext_server):
+    client = triton_http.InferenceServerClient(ext_server.http_address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stub(ext_server):
+    with grpc.insecure_channel(ext_server.address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def infer_url(server, model: str) -> str:
+    return f"http://{server.http_address}/v2/models/{model}/infer"
+
+
+def tensors(module, inputs: dict[str, np.ndarray]) -> list:
+    """tritonclient InferInputs (grpc or http `module`) holding `inputs`."""
+    out = []
+    for name, array in inputs.items():
+        tensor = module.InferInput(name, list(array.shape), codec.datatype_of(array.dtype))
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
+def classes_both_ways(grpc_client, http_client, model: str, inputs: dict, output: str, count: int) -> np.ndarray:
+    """The classification strings over tritonclient grpc and http (checked equal), as str."""
+    over_grpc = grpc_client.infer(model, tensors(triton_grpc, inputs),
+                                  outputs=[triton_grpc.InferRequestedOutput(output, class_count=count)])  # fmt: skip
+    over_http = http_client.infer(model, tensors(triton_http, inputs),
+                                  outputs=[triton_http.InferRequestedOutput(output, class_count=count)])  # fmt: skip
+    assert over_grpc.get_output(output).datatype == "BYTES"
+    assert over_http.get_output(output)["datatype"] == "BYTES"
+    grpc_strings, http_strings = over_grpc.as_numpy(output), over_http.as_numpy(output)
+    assert grpc_strings.tolist() == http_strings.tolist()
+    return np.vectorize(bytes.decode, otypes=[object])(grpc_strings)
+
+
+def runs_of(server, model: str) -> int:
+    """Session runs the server made for `model` (its statistics' execution_count, from the server itself)."""
+    stats = httpx.get(f"http://{server.http_address}/v2/models/{model}/stats").json()
+    return stats["model_stats"][0]["execution_count"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Classification
+
+
+def test_classification_of_the_digits_cnn_has_labels_and_triton_formatting(grpc_client, http_client):
+    x = digits_inputs("digits_cnn", 4)
+    logits = grpc_client.infer("digits_cnn", tensors(triton_grpc, {"input": x})).as_numpy("logits")
+    classes = classes_both_ways(grpc_client, http_client, "digits_cnn", {"input": x}, "logits", 3)
+    assert classes.shape == (4, 3)
+    for row, answer in zip(logits, classes):
+        best = np.argsort(-row, kind="stable")[:3]
+        assert [int(a.split(":")[1]) for a in answer] == best.tolist()
+        assert [a.split(":", 2)[2] for a in answer] == [DIGIT_LABELS[i] for i in best]
+        value = answer[0].split(":")[0]
+        assert value == f"{float(row[best[0]]):.6f}"  # six decimals: std::to_string, as Triton prints it
+
+
+def test_asking_for_more_classes_than_there_are_gives_them_all(grpc_client, http_client):
+    x = np.array([[5, 200, 7], [9, 9, 1]], np.uint8)  # unsigned: an order that negating would break
+    classes = classes_both_ways(grpc_client, http_client, "echo_uint8", {"x": x}, "y", 10)
+    assert classes.tolist() == [["200:1", "7:2", "5:0"], ["9:0", "9:1", "1:2"]]  # integers as digits; ties: lower
+
+
+def test_labels_cover_the_classes_they_have_and_crlf_is_not_a_label(grpc_client, http_client):
+    x = np.array([[3, -4, 10]], np.int32)
+    classes = classes_both_ways(grpc_client, http_client, "echo_int32", {"x": x}, "y", 3)
+    assert classes.tolist() == [["10:2", "3:0:first", "-4:1:second"]]  # no label for class 2: value:index
+
+
+def test_a_rank_one_output_is_one_row(grpc_client, http_client):
+    x = np.array([0.25, 2.0, -1.0, 1.0], np.float32)  # plus_half adds 0.5
+    classes = classes_both_ways(grpc_client, http_client, "plus_half", {"x": x}, "y", 2)
+    assert classes.tolist() == ["2.500000:1", "1.500000:3"]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP64"])
+def test_float_outputs_of_every_width_classify(grpc_client, http_client, datatype):
+    x = np.array([[0.125, -3.5, 1e-7]], dtype=server_models.ECHO_TYPES[datatype][1])
+    classes = classes_both_ways(grpc_client, http_client, f"echo_{datatype.lower()}", {"x": x}, "y", 2)
+    assert classes.tolist() == [[f"{float(x[0, 0]):.6f}:0", f"{float(x[0, 2]):.6f}:2"]]
+
+
+def test_only_the_output_asked_for_is_classified(grpc_client):
+    x = digits_inputs("digits_forest", 2)
+    outputs = [triton_grpc.InferRequestedOutput("probabilities", class_count=1), triton_grpc.InferRequestedOutput("label")]
+    result = grpc_client.infer("digits_forest", tensors(triton_grpc, {"input": x}), outputs=outputs)
+    labels, top = result.as_numpy("label"), result.as_numpy("probabilities")
+    assert result.get_output("label").datatype == "INT64" and top.shape == (2, 1)
+    assert [int(t.decode().split(":")[1]) for t in top[:, 0]] == labels.tolist()
+
+
+@pytest.mark.parametrize(("model", "inputs", "expected"), [
+    ("echo_bytes", {"x": np.array([[b"a", b"b", b"c"]], dtype=object)}, "holds strings"),
+    ("echo_bool", {"x": np.array([[True, False, True]])}, "holds bool values"),
+    ("rank3", {"x": np.zeros((1, 2, 3), np.float32)}, "has shape [1, 2, 3]"),
+])  # fmt: skip
+def test_outputs_that_have_no_classes_are_refused_on_both_protocols(ext_server, grpc_client, model, inputs, expected):
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.infer(model, tensors(triton_grpc, inputs), outputs=[triton_grpc.InferRequestedOutput("y", class_count=1)])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert expected in caught.value.message() and f"model {model!r} version 1 output 'y'" in caught.value.message()
+    body = {"inputs": [codec.to_json(a, n) | {"name": n} for n, a in inputs.items()],
+            "outputs": [{"name": "y", "parameters": {"classification": 1}}]}  # fmt: skip
+    answer = httpx.post(infer_url(ext_server, model), json=body)
+    assert answer.status_code == 400 and expected in answer.json()["error"]
+
+
+def test_raw_grpc_and_rest_json_classification(ext_server, stub):
+    x = np.array([[1.0, 3.0, 2.0]], np.float32)
+    request = pb.ModelInferRequest(model_name="echo_fp64")
+    codec.encode_request_inputs(request, {"x": x.astype(np.float64)})
+    request.outputs.add(name="y").parameters["classification"].int64_param = 2
+    response = stub.ModelInfer(request, timeout=30)
+    assert response.outputs[0].datatype == "BYTES" and list(response.outputs[0].shape) == [1, 2]
+    assert codec.decode_response_outputs(response)["y"].tolist() == [[b"3.000000:1", b"2.000000:2"]]
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP64", "data": [1.0, 3.0, 2.0]}],
+            "outputs": [{"name": "y", "parameters": {"classification": 2}}]}  # fmt: skip
+    answer = httpx.post(infer_url(ext_server, "echo_fp64"), json=body).json()
+    assert answer["outputs"] == [{"name": "y", "datatype": "BYTES", "shape": [1, 2],
+                                  "data": ["3.000000:1", "2.000000:2"]}]  # fmt: skip
+
+
+def test_classification_count_must_be_a_whole_number(ext_server, stub):
+    request = pb.ModelInferRequest(model_name="echo_fp64")
+    codec.encode_request_inputs(request, {"x": np.zeros((1, 3))})
+    request.outputs.add(name="y").parameters["classification"].string_param = "two"
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'two'" in caught.value.details()
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP64", "data": [0, 0, 0]}],
+            "outputs": [{"name": "y", "parameters": {"classification": 1.5}}]}  # fmt: skip
+    answer = httpx.post(infer_url(ext_server, "echo_fp64"), json=body)
+    assert answer.status_code == 400 and "classification must be a whole number" in answer.json()["error"]
+
+
+def test_classify_and_read_labels_directly(tmp_path):
+    assert classify(np.array([np.nan, 1.0, np.inf]), 3).tolist() == [b"nan:0", b"inf:2", b"1.000000:1"]
+    assert classify(np.array([[1, 2]], np.int64), 0).shape == (1, 0)
+    with pytest.raises(InvalidInput, match="needs numbers"):
+        classify(np.array(["a"]), 1)
+    (tmp_path / "l.txt").write_text("a\n\nc")  # an empty line is the empty label of class 1
+    assert read_labels({"y": "l.txt"}, tmp_path) == {"y": ["a", "", "c"]}
+    with pytest.raises(RepositoryError, match=str(tmp_path / "missing.txt")):
+        read_labels({"y": "missing.txt"}, tmp_path)
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(RepositoryError, match="bad.txt"):
+        read_labels({"y": "bad.txt"}, tmp_path)
+
+
+def test_a_missing_label_file_stops_the_server_naming_the_path(tmp_path):
+    server_models.save(server_models.echo("FP32"), tmp_path / "m" / "1" / "model.onnx")
+    write_config(tmp_path / "m", {"output": [{"name": "y", "label_filename": "nowhere.txt"}]})
+    with pytest.raises(RepositoryError, match=str(tmp_path / "m" / "nowhere.txt")):
+        BackgroundServer(tmp_path, ServerOptions(port=0))
