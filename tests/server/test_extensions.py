@@ -179,7 +179,8 @@ def test_float_outputs_of_every_width_classify(grpc_client, http_client, datatyp
 
 def test_only_the_output_asked_for_is_classified(grpc_client):
     x = digits_inputs("digits_forest", 2)
-    outputs = [triton_grpc.InferRequestedOutput("probabilities", class_count=1), triton_grpc.InferRequestedOutput("label")]
+    outputs = [triton_grpc.InferRequestedOutput("probabilities", class_count=1),
+               triton_grpc.InferRequestedOutput("label")]  # fmt: skip
     result = grpc_client.infer("digits_forest", tensors(triton_grpc, {"input": x}), outputs=outputs)
     labels, top = result.as_numpy("label"), result.as_numpy("probabilities")
     assert result.get_output("label").datatype == "INT64" and top.shape == (2, 1)
@@ -193,7 +194,8 @@ def test_only_the_output_asked_for_is_classified(grpc_client):
 ])  # fmt: skip
 def test_outputs_that_have_no_classes_are_refused_on_both_protocols(ext_server, grpc_client, model, inputs, expected):
     with pytest.raises(InferenceServerException) as caught:
-        grpc_client.infer(model, tensors(triton_grpc, inputs), outputs=[triton_grpc.InferRequestedOutput("y", class_count=1)])
+        grpc_client.infer(model, tensors(triton_grpc, inputs),
+                          outputs=[triton_grpc.InferRequestedOutput("y", class_count=1)])  # fmt: skip
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert expected in caught.value.message() and f"model {model!r} version 1 output 'y'" in caught.value.message()
     body = {"inputs": [codec.to_json(a, n) | {"name": n} for n, a in inputs.items()],
@@ -249,3 +251,160 @@ def test_a_missing_label_file_stops_the_server_naming_the_path(tmp_path):
     write_config(tmp_path / "m", {"output": [{"name": "y", "label_filename": "nowhere.txt"}]})
     with pytest.raises(RepositoryError, match=str(tmp_path / "m" / "nowhere.txt")):
         BackgroundServer(tmp_path, ServerOptions(port=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def stream_tasks(server) -> list[str]:
+    """The tasks ModelStreamInfer left on the server's event loop (its readers and per-request answers)."""
+
+    async def names() -> list[str]:
+        qualnames = [getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()]
+        return [name for name in qualnames if "ModelStreamInfer" in name]
+
+    return asyncio.run_coroutine_threadsafe(names(), server._loop).result(timeout=10)
+
+
+def wait_for(condition, what: str, seconds: float = 30.0) -> None:
+    """Poll `condition` until it holds (a bound against hanging, not a timing claim)."""
+    give_up = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < give_up, f"still waiting for {what} after {seconds} s"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def warnings_seen():
+    """WARNING and worse records of the server's, grpc's and asyncio's loggers while a test runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("ortserve", "asyncio", "grpc")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def test_a_stream_answers_many_requests_by_id_with_their_own_values(grpc_client, ext_server):
+    inputs = {f"req-{i}": digits_inputs("digits_cnn", 1 + i % 5) for i in range(24)}
+    expected = {rid: grpc_client.infer("digits_cnn", tensors(triton_grpc, {"input": x})).as_numpy("logits")
+                for rid, x in inputs.items()}  # fmt: skip
+    bad = {"bad-model": ("nope", digits_inputs("digits_cnn", 1), "no model 'nope'"),
+           "bad-shape": ("digits_cnn", np.zeros((2, 64), np.float32), "expected rank 4, got shape [2, 64]"),
+           "bad-type": ("digits_cnn", np.zeros((1, 1, 8, 8), np.float64), "expected dtype float32, got float64")}
+    answers: queue.Queue = queue.Queue()
+    grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, (rid, x) in enumerate(inputs.items()):
+            grpc_client.async_stream_infer("digits_cnn", tensors(triton_grpc, {"input": x}), request_id=rid)
+            if i in (3, 10, 17):  # bad requests between good ones
+                name = list(bad)[(i - 3) // 7]
+                model, array, _ = bad[name]
+                grpc_client.async_stream_infer(model, tensors(triton_grpc, {"input": array}), request_id=name)
+        got = [answers.get(timeout=60) for _ in range(len(inputs) + len(bad))]
+    finally:
+        grpc_client.stop_stream()
+    results = {result.get_response().id: result for result, error in got if error is None}
+    assert set(results) == set(inputs)
+    for rid, result in results.items():
+        np.testing.assert_allclose(result.as_numpy("logits"), expected[rid], rtol=1e-5, atol=1e-6)
+    errors = sorted(str(error) for _, error in got if error is not None)
+    assert len(errors) == 3
+    for (_, _, message), error in zip(sorted(bad.values(), key=lambda b: b[2]), sorted(errors)):
+        assert message in error
+    wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
+
+
+def test_a_stream_can_be_closed_and_opened_again(grpc_client, ext_server, warnings_seen):
+    for round_ in range(2):
+        answers: queue.Queue = queue.Queue()
+        grpc_client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        grpc_client.async_stream_infer("plus_half", tensors(triton_grpc, {"x": np.ones(3, np.float32)}),
+                                       request_id=f"round-{round_}")  # fmt: skip
+        result, error = answers.get(timeout=30)
+        grpc_client.stop_stream()
+        assert error is None and result.get_response().id == f"round-{round_}"
+        assert result.as_numpy("y").tolist() == [1.5, 1.5, 1.5]
+    wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
+    assert not warnings_seen
+
+
+def test_the_asyncio_client_streams_too(ext_server):
+    async def requests():
+        for i in range(8):
+            model = "nope" if i == 5 else "plus_half"
+            yield {"model_name": model, "inputs": tensors(triton_aio, {"x": np.full(2, i, np.float32)}),
+                   "request_id": f"aio-{i}"}  # fmt: skip
+
+    async def run() -> list:
+        async with triton_aio.InferenceServerClient(ext_server.address) as client:
+            return [answer async for answer in client.stream_infer(requests(), stream_timeout=60)]
+
+    got = asyncio.run(run())
+    ok = {result.get_response().id: result.as_numpy("y").tolist() for result, error in got if error is None}
+    assert ok == {f"aio-{i}": [i + 0.5] * 2 for i in range(8) if i != 5}
+    errors = [str(error) for _, error in got if error is not None]
+    assert len(errors) == 1 and "no model 'nope'" in errors[0]
+
+
+def test_stream_requests_are_counted_under_protocol_grpc(ext_server, stub):
+    def counts() -> dict[str, float]:
+        samples = scrape_metrics(ext_server.metrics_address)["ortserve_requests_total"]
+        return {dict(k)["status"]: v for k, v in samples.items()
+                if dict(k)["model"] == "echo_fp64" and dict(k)["protocol"] == "grpc"}  # fmt: skip
+
+    def requests():
+        for i in range(5):
+            request = pb.ModelInferRequest(model_name="echo_fp64", id=str(i))
+            codec.encode_request_inputs(request, {"x": np.zeros((1, 3)) if i != 2 else np.zeros((1, 4))})
+            yield request
+
+    before = counts()
+    answers = list(stub.ModelStreamInfer(requests(), timeout=30))
+    after = counts()
+    assert sorted(a.infer_response.id for a in answers) == ["0", "1", "2", "3", "4"]
+    assert [a.infer_response.id for a in answers if a.error_message] == ["2"]
+    assert after.get("OK", 0) - before.get("OK", 0) == 4
+    assert after.get("INVALID_ARGUMENT", 0) - before.get("INVALID_ARGUMENT", 0) == 1
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_nothing_running(ext_server, warnings_seen):
+    slow = ext_server.server.repository.get("slow")
+    release = __import__("threading").Event()
+
+    def requests():
+        request = pb.ModelInferRequest(model_name="slow", id="long")
+        codec.encode_request_inputs(request, {"x": np.ones((1024, SLOW_WIDTH), np.float32)})
+        yield request
+        release.wait(60)  # the client keeps its side open until it cancels
+
+    with grpc.insecure_channel(ext_server.address) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=60)
+        wait_for(lambda: slow.runner.in_flight == 1, "the slow request to reach its runner")
+        assert stream_tasks(ext_server)  # the reader and the request's answer
+        call.cancel()
+        release.set()
+        wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
+    wait_for(lambda: slow.runner.in_flight == 0, "the slow run to finish")
+    __import__("gc").collect()
+    assert not warnings_seen, [r.getMessage() for r in warnings_seen]
+
+
+def test_a_message_that_is_not_a_request_ends_the_stream_with_a_clear_error(ext_server, warnings_seen):
+    request = pb.ModelInferRequest(model_name="plus_half", id="fine")
+    codec.encode_request_inputs(request, {"x": np.ones(2, np.float32)})
+    with grpc.insecure_channel(ext_server.address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)  # fmt: skip
+        answers = stream(iter([request.SerializeToString(), b"\xff\xff\xff"]), timeout=60)
+        with pytest.raises(grpc.RpcError) as caught:
+            for answer in answers:
+                assert answer.infer_response.id == "fine" and not answer.error_message
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a message on the stream is not a ModelInferRequest" in caught.value.details()
+    wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
+    assert not warnings_seen, [r.getMessage() for r in warnings_seen]

@@ -14,6 +14,7 @@ import time
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from ortserve._proto import grpc_service_pb2 as pb
 from ortserve._proto import grpc_service_pb2_grpc as pb_grpc
@@ -105,7 +106,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request runs as soon as it comes (so the batcher can join them); answers go back as they are ready,
-        each with its request's id. A failed request is answered with its error_message; the stream goes on."""
+        each with its request's id. A failed request is answered with its error_message; the stream goes on. A
+        message that is not a ModelInferRequest ends the stream with INVALID_ARGUMENT."""
         answers: asyncio.Queue = asyncio.Queue()
         deadline = transport_deadline(context)
         running: set[asyncio.Task] = set()
@@ -125,18 +127,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await answers.put(response)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.ensure_future(answer(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            await asyncio.gather(*running)
-            await answers.put(None)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            except DecodeError as error:  # grpc parses each message as the servicer reads it
+                raise InvalidInput(f"a message on the stream is not a ModelInferRequest ({error}); the stream "
+                                   "ends here") from None  # fmt: skip
+            finally:  # the requests ended, or reading them failed: either way the writer must stop waiting
+                answers.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
             while (response := await answers.get()) is not None:
                 yield response
             await reader  # the stream's own failure, if any
+        except ServingError as error:
+            await context.abort(*status_of(error))
         finally:
             reader.cancel()
             for task in list(running):
