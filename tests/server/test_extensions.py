@@ -408,3 +408,211 @@ def test_a_message_that_is_not_a_request_ends_the_stream_with_a_clear_error(ext_
     assert "a message on the stream is not a ModelInferRequest" in caught.value.details()
     wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
     assert not warnings_seen, [r.getMessage() for r in warnings_seen]
+
+
+# --------------------------------------------------------------------------------------------------
+# Timeouts and deadlines
+
+
+def digits_body(rows: int = 1, parameters: dict | None = None) -> dict:
+    x = digits_inputs("digits_cnn", rows)
+    body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    return body | ({"parameters": parameters} if parameters is not None else {})
+
+
+def test_a_one_microsecond_timeout_is_not_run_by_the_batcher(ext_server, grpc_client):
+    batcher = ext_server.server.repository.get("digits_cnn").runner
+    runs, executions = batcher.runs, runs_of(ext_server, "digits_cnn")
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.infer("digits_cnn", tensors(triton_grpc, {"input": digits_inputs("digits_cnn", 2)}), timeout=1)
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "it was not run" in caught.value.message()
+    expired = httpx.post(infer_url(ext_server, "digits_cnn"), json=digits_body(2, {"timeout": 1}))
+    assert expired.status_code == 504 and "it was not run" in expired.json()["error"]
+    assert (batcher.runs, runs_of(ext_server, "digits_cnn")) == (runs, executions)
+
+
+def test_a_generous_timeout_runs_normally_on_both_protocols(ext_server, grpc_client):
+    x = digits_inputs("digits_cnn", 2)
+    plain = grpc_client.infer("digits_cnn", tensors(triton_grpc, {"input": x})).as_numpy("logits")
+    timed = grpc_client.infer("digits_cnn", tensors(triton_grpc, {"input": x}), timeout=30_000_000)
+    np.testing.assert_allclose(timed.as_numpy("logits"), plain, rtol=1e-5, atol=1e-6)
+    answer = httpx.post(infer_url(ext_server, "digits_cnn"), json=digits_body(2, {"timeout": 30_000_000}))
+    assert answer.status_code == 200
+    np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(2, 10), plain, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    assert httpx.post(infer_url(ext_server, "digits_cnn"), json=digits_body(1, {"timeout": 0})).status_code == 200
+
+
+@pytest.mark.parametrize("value", [-5, "soon", 1.5, True])
+def test_a_bad_timeout_is_refused_on_both_protocols(ext_server, stub, value):
+    answer = httpx.post(infer_url(ext_server, "digits_cnn"), json=digits_body(1, {"timeout": value}))
+    assert answer.status_code == 400
+    assert "'timeout' must be a whole number of microseconds (0 or more)" in answer.json()["error"]
+    request = pb.ModelInferRequest(model_name="digits_cnn")
+    codec.encode_request_inputs(request, {"input": digits_inputs("digits_cnn", 1)})
+    kind = {int: "int64_param", str: "string_param", float: "double_param", bool: "bool_param"}[type(value)]
+    setattr(request.parameters["timeout"], kind, value)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"got {value!r}" in caught.value.details()
+
+
+@pytest.fixture
+def busy_slow_model(ext_server, grpc_client):
+    """The one worker thread busy with a long run of the slow model; yields the model's runner."""
+    slow = ext_server.server.repository.get("slow")
+    wait_for(lambda: slow.runner.in_flight == 0, "the slow model to be idle")
+    done: queue.Queue = queue.Queue()
+    big = {"x": np.ones((1024, SLOW_WIDTH), np.float32)}
+    grpc_client.async_infer("slow", tensors(triton_grpc, big), callback=lambda result, error: done.put(error))
+    wait_for(lambda: slow.runner.in_flight == 1, "the long run to reach the runner")
+    yield slow.runner
+    assert done.get(timeout=120) is None  # the long run itself succeeds
+
+
+def test_a_grpc_deadline_passing_in_the_queue_is_not_run(ext_server, grpc_client, busy_slow_model, warnings_seen):
+    before = runs_of(ext_server, "slow")
+    small = tensors(triton_grpc, {"x": np.ones((1, SLOW_WIDTH), np.float32)})
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.infer("slow", small, client_timeout=0.05)  # queued behind the long run
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_for(lambda: busy_slow_model.in_flight == 0, "the long run to finish")
+    assert runs_of(ext_server, "slow") - before == 1  # the long run only
+    assert not warnings_seen, [r.getMessage() for r in warnings_seen]
+
+
+def test_a_timeout_passing_in_the_queue_is_answered_by_the_server(ext_server, grpc_client, busy_slow_model,
+                                                                  warnings_seen):  # fmt: skip
+    before = runs_of(ext_server, "slow")
+    small = {"x": np.ones((1, SLOW_WIDTH), np.float32)}
+    over_grpc: queue.Queue = queue.Queue()  # no gRPC deadline: the answer is the server's own
+    grpc_client.async_infer("slow", tensors(triton_grpc, small), callback=lambda result, error: over_grpc.put(error),
+                            timeout=50_000)  # fmt: skip
+    body = {"inputs": [{"name": "x", "shape": [1, SLOW_WIDTH], "datatype": "FP32", "data": [1.0] * SLOW_WIDTH}],
+            "parameters": {"timeout": 50_000}}  # fmt: skip
+    over_rest = httpx.post(infer_url(ext_server, "slow"), json=body, timeout=60)  # queued behind the long run too
+    assert over_rest.status_code == 504 and "in the queue, before it could run" in over_rest.json()["error"]
+    error = over_grpc.get(timeout=60)
+    assert error.status() == "StatusCode.DEADLINE_EXCEEDED" and "it was not run" in error.message()
+    wait_for(lambda: busy_slow_model.in_flight == 0, "the long run to finish")
+    assert runs_of(ext_server, "slow") - before == 1  # the long run only
+    assert not warnings_seen, [r.getMessage() for r in warnings_seen]
+
+
+def test_a_timeout_inside_a_stream_is_that_request_s_error(ext_server, stub):
+    def requests():
+        for i, timeout in enumerate([0, 1, 0]):
+            request = pb.ModelInferRequest(model_name="digits_cnn", id=str(i))
+            codec.encode_request_inputs(request, {"input": digits_inputs("digits_cnn", 1)})
+            if timeout:
+                request.parameters["timeout"].int64_param = timeout
+            yield request
+
+    answers = {a.infer_response.id: a.error_message for a in stub.ModelStreamInfer(requests(), timeout=30)}
+    assert answers["0"] == answers["2"] == "" and "it was not run" in answers["1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Log settings
+
+
+@pytest.fixture
+def server_log():
+    """Every record of the "ortserve" logger while a test runs (whatever the level lets through); the logger's
+    level is restored afterwards, as the in-process servers of other tests share it."""
+    logger = logging.getLogger("ortserve")
+    saved = logger.level
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.NOTSET)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(saved)
+
+
+def grpc_settings(client) -> dict:
+    """tritonclient.grpc's log settings as plain values, like REST's."""
+    return {key: next(iter(value.values())) for key, value in client.get_log_settings(as_json=True)["settings"].items()}
+
+
+def test_log_settings_turn_debug_lines_on_and_off(ext_server, grpc_client, http_client, server_log):
+    def debug_lines() -> list[str]:
+        httpx.get(f"http://{ext_server.http_address}/v2/models/no_such_model")  # a refusal logged at DEBUG
+        return [r.getMessage() for r in server_log if r.levelno == logging.DEBUG and "no_such_model" in r.getMessage()]
+
+    grpc_client.update_log_settings({"log_verbose_level": 0, "log_info": True})
+    assert debug_lines() == []
+    settings = http_client.update_log_settings({"log_verbose_level": 1})
+    assert settings["log_verbose_level"] == 1 and grpc_settings(grpc_client) == http_client.get_log_settings()
+    assert len(debug_lines()) == 1
+    grpc_client.update_log_settings({"log_verbose_level": 0})
+    assert len(debug_lines()) == 1 and logging.getLogger("ortserve").getEffectiveLevel() == logging.INFO
+    http_client.update_log_settings({"log_info": False, "log_warning": False})
+    assert http_client.get_log_settings() == {"log_file": "", "log_info": False, "log_warning": False,
+                                              "log_error": True, "log_verbose_level": 0, "log_format": "default"}
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"log_colour": True}, "unknown log setting 'log_colour'"),
+    ({"log_info": False, "log_colour": True}, "unknown log setting 'log_colour'"),  # nothing applies then
+    ({"log_verbose_level": "1"}, "'log_verbose_level' must be a whole number, 0 or more, got '1'"),
+    ({"log_verbose_level": -1}, "'log_verbose_level' must be a whole number, 0 or more, got -1"),
+    ({"log_info": 1}, "'log_info' must be true or false, got 1"),
+    ({"log_file": "/tmp/server.log"}, "log_file cannot be changed"),
+    ({"log_format": "ISO8601"}, "log_format 'ISO8601' is not supported"),
+])  # fmt: skip
+def test_bad_log_settings_are_refused_over_rest(ext_server, server_log, settings, expected):
+    before = httpx.get(f"http://{ext_server.http_address}/v2/logging").json()
+    answer = httpx.post(f"http://{ext_server.http_address}/v2/logging", json=settings)
+    assert answer.status_code == 400 and expected in answer.json()["error"]
+    assert httpx.get(f"http://{ext_server.http_address}/v2/logging").json() == before
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"log_info": ("string_param", "yes")}, "'log_info' must be true or false, got 'yes'"),
+    ({"log_verbose_level": ("bool_param", True)}, "'log_verbose_level' must be a whole number, 0 or more, got True"),
+    ({"log_file": ("string_param", "x.log")}, "log_file cannot be changed"),
+    ({"verbose": ("uint32_param", 1)}, "unknown log setting 'verbose'"),
+])  # fmt: skip
+def test_bad_log_settings_are_refused_over_grpc(grpc_client, stub, server_log, settings, expected):
+    """Raw calls: tritonclient.grpc picks each setting's type by its name, so it cannot send a wrong one."""
+    before = grpc_settings(grpc_client)
+    request = pb.LogSettingsRequest()
+    for key, (kind, value) in settings.items():
+        setattr(request.settings[key], kind, value)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.LogSettings(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in caught.value.details()
+    assert grpc_settings(grpc_client) == before
+
+
+def test_a_log_settings_body_must_be_a_json_object(ext_server):
+    answer = httpx.post(f"http://{ext_server.http_address}/v2/logging", content=b"[1, 2]")
+    assert answer.status_code == 400 and "must be a JSON object, got an array" in answer.json()["error"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Server metadata: the extensions it lists are the ones that answer
+
+
+def test_every_listed_extension_answers_on_both_protocols(ext_server, grpc_client, http_client):
+    listed = list(dataplane.EXTENSIONS)
+    assert list(grpc_client.get_server_metadata().extensions) == listed
+    assert http_client.get_server_metadata()["extensions"] == listed
+    x = np.array([[1.0, 2.0, 0.0]])
+    checks = {
+        "binary_tensor_data": lambda: http_client.infer("echo_fp64", tensors(triton_http, {"x": x}), outputs=[
+            triton_http.InferRequestedOutput("y", binary_data=True)]).as_numpy("y").tolist() == x.tolist(),
+        "classification": lambda: grpc_client.infer("echo_fp64", tensors(triton_grpc, {"x": x}), outputs=[
+            triton_grpc.InferRequestedOutput("y", class_count=1)]).as_numpy("y").tolist() == [[b"2.000000:1"]],
+        "model_configuration": lambda: http_client.get_model_config("echo_fp64")["name"] == "echo_fp64"
+        and grpc_client.get_model_config("echo_fp64").config.name == "echo_fp64",
+        "model_repository": lambda: "echo_fp64" in {m["name"] for m in http_client.get_model_repository_index()}
+        and "echo_fp64" in {m.name for m in grpc_client.get_model_repository_index().models},
+        "statistics": lambda: http_client.get_inference_statistics("echo_fp64")["model_stats"][0]["name"]
+        == grpc_client.get_inference_statistics("echo_fp64").model_stats[0].name == "echo_fp64",
+        "logging": lambda: grpc_settings(grpc_client) == http_client.get_log_settings(),
+    }  # fmt: skip
+    assert sorted(checks) == sorted(listed)  # a new extension in the list needs its check here
+    assert {name: check() for name, check in checks.items()} == dict.fromkeys(checks, True)
