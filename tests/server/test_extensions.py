@@ -11,10 +11,12 @@ metrics endpoint, over copies of the digits models, echo models and a slow one, 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import queue
 import shutil
+import threading
 import time
 
 import grpc
@@ -374,7 +376,7 @@ def test_stream_requests_are_counted_under_protocol_grpc(ext_server, stub):
 
 def test_a_client_that_goes_away_mid_stream_leaves_nothing_running(ext_server, warnings_seen):
     slow = ext_server.server.repository.get("slow")
-    release = __import__("threading").Event()
+    release = threading.Event()
 
     def requests():
         request = pb.ModelInferRequest(model_name="slow", id="long")
@@ -390,7 +392,7 @@ def test_a_client_that_goes_away_mid_stream_leaves_nothing_running(ext_server, w
         release.set()
         wait_for(lambda: not stream_tasks(ext_server), "the stream's tasks to end")
     wait_for(lambda: slow.runner.in_flight == 0, "the slow run to finish")
-    __import__("gc").collect()
+    gc.collect()  # a pending task destroyed now would log "Task was destroyed but it is pending"
     assert not warnings_seen, [r.getMessage() for r in warnings_seen]
 
 
