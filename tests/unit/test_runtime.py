@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import threading
 import time
 
 import numpy as np
@@ -19,6 +18,8 @@ from ortserve.server import runtime
 from ortserve.server.errors import DeadlineExceeded, InvalidInput, ModelRunError, RepositoryError
 from ortserve.server.runtime import (LONE_SESSION_MIN_RUN, LoneSessions, RunTiming, SessionRunner, SessionSettings,
                                      TensorSpec, run_session)  # fmt: skip
+
+from .sessions import CountingSession
 
 F32 = np.float32
 ADD_SUB = "model 'add_sub' version 1"
@@ -33,23 +34,6 @@ def raises(kind, fragment: str):
 
 def rows(n: int, k: int = 4, dtype=F32) -> np.ndarray:
     return np.arange(n * k).reshape(n, k).astype(dtype)
-
-
-class CountingSession:
-    """A real session that counts its runs (and the rows of each), so a test can tell whether one happened."""
-
-    def __init__(self, session) -> None:
-        self._session = session
-        self.rows: list[int] = []
-        self._lock = threading.Lock()
-
-    def get_outputs(self):
-        return self._session.get_outputs()
-
-    def run(self, names, feeds):
-        with self._lock:
-            self.rows.append(len(next(iter(feeds.values()))))
-        return self._session.run(names, feeds)
 
 
 # --------------------------------------------------------------------------------------------------
