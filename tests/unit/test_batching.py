@@ -66,6 +66,7 @@ def check_pair(answer, x, names=("double", "total")):
 
 
 def spec(*shape) -> TensorSpec:
+    """A TensorSpec of this shape; spec(...) is one whose shape the model does not give."""
     return TensorSpec("t", F32, shape if shape != (...,) else None)
 
 

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+import server_models  # tests/server/server_models.py (on sys.path: tests/unit/conftest.py)
+from onnx import TensorProto, helper
 
 from ortserve.server import runtime
 from ortserve.server.errors import DeadlineExceeded, InvalidInput, ModelRunError, RepositoryError
@@ -64,9 +65,6 @@ def test_tensor_spec_describe(spec, text):
 
 
 def test_an_output_type_the_server_cannot_carry_is_a_repository_error(tmp_path):
-    import server_models
-    from onnx import TensorProto
-
     model = server_models._model(
         [helper.make_node("SequenceConstruct", ["x"], ["s"])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
