@@ -9,7 +9,6 @@ pytest-xdist.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import grpc
@@ -36,8 +35,7 @@ def repository(tmp_path_factory, digits_repository) -> Path:
     """Small test models plus copies of the digits models."""
     root = server_models.build_repository(tmp_path_factory.mktemp("repository"))
     for name in DIGITS_MODELS:
-        (root / name / "1").mkdir(parents=True)
-        shutil.copyfile(digits_repository / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        server_models.copy_version(digits_repository, root, name)
     return root
 
 

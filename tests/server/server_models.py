@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,14 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+def copy_version(source: Path, root: Path, name: str, version: int = 1) -> Path:
+    """Copy version `version` of model `name` from the repository `source` into the repository `root`."""
+    target = root / name / str(version) / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / name / str(version) / "model.onnx", target)
+    return target
 
 
 def build_repository(root: Path) -> Path:

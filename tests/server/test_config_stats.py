@@ -10,7 +10,6 @@ are counted.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,8 +37,7 @@ WARMUP = {"name": "zeros", "batch_size": 2, "count": 1,
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, digits_repository):
     root = tmp_path_factory.mktemp("config_stats")
-    (root / "digits_cnn" / "1").mkdir(parents=True)
-    shutil.copyfile(digits_repository / "digits_cnn" / "1" / "model.onnx", root / "digits_cnn" / "1" / "model.onnx")
+    server_models.copy_version(digits_repository, root, "digits_cnn")
     for datatype in ("FP32", "INT64", "FP16", "BYTES"):
         server_models.save(server_models.echo(datatype), root / f"echo_{datatype.lower()}" / "1" / "model.onnx")
     (root / "echo_fp32" / "config.json").write_text('{"max_batch_size": 0}')  # batchable, but told not to

@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
 
@@ -61,8 +60,7 @@ def write_config(folder, config: dict) -> None:
 def ext_repository(tmp_path_factory, digits_repository):
     root = tmp_path_factory.mktemp("ext_repository")
     for name in ("digits_cnn", "digits_forest"):
-        (root / name / "1").mkdir(parents=True)
-        shutil.copyfile(digits_repository / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        server_models.copy_version(digits_repository, root, name)
     (root / "digits_cnn" / "labels.txt").write_text("\n".join(DIGIT_LABELS) + "\n")
     write_config(root / "digits_cnn", {"output": [{"name": "logits", "label_filename": "labels.txt"}]})
     write_config(root / "digits_forest", {"max_batch_size": 0})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import shutil
 
 import grpc
 import httpx
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+import server_models
 from server_models import digits_inputs
 from tritonclient.utils import InferenceServerException
 
@@ -33,8 +33,7 @@ LABELS = [f"digit {i}" for i in range(10)]
 def own_server(tmp_path_factory, digits_repository):
     root = tmp_path_factory.mktemp("extensions")
     for name in ("digits_cnn", "digits_forest"):
-        (root / name / "1").mkdir(parents=True)
-        shutil.copyfile(digits_repository / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
+        server_models.copy_version(digits_repository, root, name)
     (root / "digits_cnn" / "labels.txt").write_text("\n".join(LABELS) + "\n")
     config = {"output": [{"name": "logits", "label_filename": "labels.txt"}], "max_queue_delay_us": 3000}
     (root / "digits_cnn" / "config.json").write_text(json.dumps(config))

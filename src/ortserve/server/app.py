@@ -52,9 +52,8 @@ from ortserve.server.gate import Gate
 from ortserve.server.legacy import PredictionServicer
 from ortserve.server.observe import Observer
 from ortserve.server.repository import LoadSettings, Repository
-from ortserve.server.runtime import Model
 from ortserve.server.rest import RestEndpoint, build_app
-from ortserve.server.runtime import SessionSettings
+from ortserve.server.runtime import Model, SessionSettings
 from ortserve.server.security import BearerTokenInterceptor, TlsSettings, TokenAuthority, describe
 from ortserve.server.v2 import InferenceServicer
 

@@ -78,6 +78,23 @@ def datatype_of(dtype: np.dtype) -> str:
     return found.name
 
 
+# Triton's model configuration names the datatypes TYPE_<name>, and BYTES TYPE_STRING.
+_CONFIG_PREFIX = "TYPE_"
+_CONFIG_STRING = "STRING"
+
+
+def config_datatype(datatype: str) -> str:
+    """The model configuration's name of a protocol datatype: FP32 -> TYPE_FP32, BYTES -> TYPE_STRING."""
+    return _CONFIG_PREFIX + (_CONFIG_STRING if datatype == "BYTES" else datatype)
+
+
+def protocol_datatype(name: str) -> str:
+    """The protocol datatype of a model configuration's name, which may also be given without TYPE_ or as the
+    protocol's own (TYPE_STRING, STRING and BYTES -> BYTES); the name unchanged when it is neither."""
+    bare = name.removeprefix(_CONFIG_PREFIX)
+    return "BYTES" if bare == _CONFIG_STRING else bare
+
+
 def lookup(datatype: str) -> Datatype:
     try:
         return DATATYPES[datatype]

@@ -23,8 +23,10 @@ import numpy as np
 
 import ortserve
 from ortserve.server import codec
+from ortserve.server.classification import classify
 from ortserve.server.errors import InvalidInput, ModelNotFound
 from ortserve.server.gate import Gate
+from ortserve.server.modelconfig import model_config
 from ortserve.server.observe import Observer, RequestRecord
 from ortserve.server.repository import Repository
 from ortserve.server.runtime import Feeds, Model, TensorSpec
@@ -49,8 +51,7 @@ class RequestedOutput(NamedTuple):
 
 def tensor_metadata(spec: TensorSpec) -> dict:
     """{"name", "datatype", "shape"} of a model input or output: -1 for a variable axis, [] for an unknown shape."""
-    shape = [] if spec.shape is None else [d if isinstance(d, int) else -1 for d in spec.shape]
-    return {"name": spec.name, "datatype": codec.datatype_of(spec.dtype), "shape": shape}
+    return {"name": spec.name, "datatype": codec.datatype_of(spec.dtype), "shape": spec.dims()}
 
 
 def timeout_deadline(parameters: Mapping[str, Any] | None, deadline: float | None) -> float | None:
@@ -167,8 +168,6 @@ class DataPlane:
 
     def model_config(self, name: str, version: str | int | None) -> dict:
         """The model's configuration in Triton's JSON form (inference.ModelConfig)."""
-        from ortserve.server.modelconfig import model_config
-
         return model_config(self.repository.get(name, version))
 
     def model_statistics(self, name: str = "", version: str | int | None = "") -> dict:
@@ -192,16 +191,9 @@ class DataPlane:
         return update_log_settings(changes)
 
     def classify(self, model: Model, outputs: Feeds, requested: Sequence[RequestedOutput]) -> Feeds:
-        from ortserve.server.classification import classify
-
-        return {name: classify(array, wanted.classification, model.labels(name), f"{model.label} output {name!r}")
-                if wanted.classification else array
-                for (name, array), wanted in zip(outputs.items(), _in_order(outputs, requested))}  # fmt: skip
-
-
-def _in_order(outputs: Feeds, requested: Sequence[RequestedOutput]) -> list[RequestedOutput]:
-    by_name = {o.name: o for o in requested}
-    return [by_name.get(name, RequestedOutput(name)) for name in outputs]
+        counts = {o.name: o.classification for o in requested}
+        return {name: classify(array, counts[name], model.labels(name), f"{model.label} output {name!r}")
+                if counts.get(name) else array for name, array in outputs.items()}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,25 +20,16 @@ PLATFORM = "onnxruntime_onnx"  # Triton's platform and backend names for ONNX mo
 BACKEND = "onnxruntime"
 
 
-def config_datatype(datatype: str) -> str:
-    """The model configuration's name of a protocol datatype: FP32 -> TYPE_FP32, BYTES -> TYPE_STRING."""
-    if datatype.startswith("TYPE_"):
-        return datatype
-    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
-
-
 def tensor_config(spec: TensorSpec, batched: bool) -> dict:
     """{"name", "data_type", "dims"}: -1 for a variable axis, without the batch axis when the model batches."""
-    dims = [] if spec.shape is None else [d if isinstance(d, int) else -1 for d in spec.shape]
-    if batched:
-        dims = dims[1:]
-    return {"name": spec.name, "data_type": config_datatype(codec.datatype_of(spec.dtype)), "dims": dims}
+    dims = spec.dims()[1:] if batched else spec.dims()
+    return {"name": spec.name, "data_type": codec.config_datatype(codec.datatype_of(spec.dtype)), "dims": dims}
 
 
 def model_config(model: Model) -> dict:
     """The configuration of one served model version (see the module docstring)."""
     runner = model.runner
-    max_batch_size = getattr(runner, "max_batch_size", 0)  # a Batcher's; 0: the model is not batched
+    max_batch_size = model.max_batch_size
     batched = max_batch_size > 0
     labels = model.config.label_files() if model.config is not None else {}
     outputs = []
@@ -69,7 +60,7 @@ def warmup_config(warmup) -> dict:
     """A repository.WarmupConfig as Triton's ModelWarmup (the input data's oneof: zero_data or random_data)."""
     inputs = {}
     for name, given in warmup.inputs.items():
-        entry = {"data_type": config_datatype(given.data_type), "dims": list(given.dims)}
+        entry = {"data_type": codec.config_datatype(codec.protocol_datatype(given.data_type)), "dims": list(given.dims)}
         if given.zero_data:
             entry["zero_data"] = True
         elif given.random_data:

@@ -193,16 +193,14 @@ class Observer:
 
     def watch(self, model: "Model") -> None:
         """Start observing a model version the server now serves: its info series and its runs."""
-        max_batch = getattr(model.runner, "max_batch_size", 0)  # a Batcher's; 0: the model is not batched
-        self.metrics.model_info.labels(model.name, str(model.version), str(max_batch)).set(1)
+        self.metrics.model_info.labels(model.name, str(model.version), str(model.max_batch_size)).set(1)
         model.runner.observe_run = self._run_observer(model.name, str(model.version), self.statistics.watch(model))
 
     def forget(self, model: "Model") -> None:
         """A model version the server no longer serves: its info series goes (its request counts stay)."""
         self.statistics.forget(model)
-        max_batch = getattr(model.runner, "max_batch_size", 0)
         try:
-            self.metrics.model_info.remove(model.name, str(model.version), str(max_batch))
+            self.metrics.model_info.remove(model.name, str(model.version), str(model.max_batch_size))
         except KeyError:
             pass
 

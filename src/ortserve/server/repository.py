@@ -36,8 +36,10 @@ from typing import Iterator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ortserve.server.batching import BatchingDefaults, runner_for
+from ortserve.server.classification import read_labels
 from ortserve.server.errors import ModelControlDisabled, ModelNotFound, RepositoryError
 from ortserve.server.runtime import Model, SessionSettings, load_session
+from ortserve.server.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +234,6 @@ class LoadSettings:
 def open_model(source: ModelSource, loading: LoadSettings = LoadSettings()) -> Model:
     """One servable, warmed-up model version (RepositoryError if it cannot be served). Blocking: seconds for a big
     model, so a server that is already serving calls it in a thread. The one place a loaded Model is built."""
-    from ortserve.server.classification import read_labels
-    from ortserve.server.warmup import warm_up
-
     model_settings = source.config.session_settings(loading.settings)
     session = load_session(source.path, model_settings)
     lone_session = None

@@ -87,6 +87,10 @@ class TensorSpec:
     def is_string(self) -> bool:
         return self.dtype.kind == "O"
 
+    def dims(self) -> list[int]:
+        """The shape as the protocols give it: -1 for a variable axis, [] when the model does not say."""
+        return [] if self.shape is None else [d if isinstance(d, int) else -1 for d in self.shape]
+
     def describe(self) -> str:
         kind = "string" if self.is_string else str(self.dtype)
         if self.shape is None:
@@ -249,6 +253,11 @@ class Model:
     @property
     def label(self) -> str:
         return f"model {self.name!r} version {self.version}"
+
+    @property
+    def max_batch_size(self) -> int:
+        """The batcher's largest batch; 0: the model is not batched."""
+        return getattr(self.runner, "max_batch_size", 0)
 
     async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
                     timing: RunTiming | None = None, deadline: float | None = None) -> Feeds:  # fmt: skip

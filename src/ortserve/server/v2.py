@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 

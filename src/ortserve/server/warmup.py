@@ -21,8 +21,6 @@ from ortserve.server.runtime import Feeds, Model, run_session
 
 log = logging.getLogger(__name__)
 
-# Triton's config names the string type TYPE_STRING; the protocol calls it BYTES.
-_CONFIG_ALIASES = {"STRING": "BYTES"}
 
 
 def warm_up(model: Model) -> None:
@@ -53,12 +51,11 @@ def warmup_feeds(model: Model, warmup) -> Feeds:
         raise RepositoryError(f"{where} {' and '.join(p for p in parts if p)}; the model's inputs are "
                               f"{', '.join(map(repr, model.inputs))} and each needs data_type, dims and "
                               "zero_data or random_data")  # fmt: skip
-    batched = getattr(model.runner, "max_batch_size", 0) > 0
+    batched = model.max_batch_size > 0
     rng = np.random.default_rng(0)
     feeds = {}
     for name, given in warmup.inputs.items():
-        datatype = given.data_type.removeprefix("TYPE_")
-        datatype = _CONFIG_ALIASES.get(datatype, datatype)
+        datatype = codec.protocol_datatype(given.data_type)
         if datatype not in codec.DATATYPES:
             raise RepositoryError(f"{where}: input {name!r} has data_type {given.data_type!r}; expected one of "
                                   f"{', '.join(codec.DATATYPES)} (with or without TYPE_)")  # fmt: skip
